@@ -1,0 +1,217 @@
+"""Bundles: export a trained model to `models/<name>/{model.onnx, model.json, report.png}` and load one back.
+
+A loaded `Bundle` scores with onnxruntime only — the same path the daemon takes — so evaluation
+and golden vectors measure what ships, not the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from . import __version__
+from .config import Config, config_from_dict
+from .data import SERIES, TS, Preprocessor, Table, apply_nan_policy, load_table
+from .errors import InputError
+from .model import SCORERS, scorer_for
+from .train import TrainResult, prepare
+
+SCHEMA_VERSION = 1
+
+
+def export_onnx(scorer: torch.nn.Module, kind: str, window: int, n_features: int, path: Path, opset: int) -> list[str]:
+    outputs = SCORERS[kind][2]
+    dummy = torch.zeros(2, window, n_features)
+    torch.onnx.export(
+        scorer, (dummy,), str(path), input_names=["window"], output_names=outputs,
+        dynamic_axes={name: {0: "batch"} for name in ["window", *outputs]},
+        opset_version=opset, dynamo=False,
+    )
+    return outputs
+
+
+def parity_check(scorer: torch.nn.Module, onnx_path: Path, real: np.ndarray, trials: int, seed: int) -> float:
+    """Max abs difference between PyTorch and onnxruntime over random batch sizes of real and random windows."""
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for trial in range(trials):
+        size = int(rng.integers(1, 257))
+        if trial % 2 == 0 and len(real):
+            x = real[rng.integers(0, len(real), size)]
+        else:
+            x = rng.standard_normal((size, *real.shape[1:])).astype(np.float32)
+        with torch.no_grad():
+            expected = [t.numpy() for t in scorer(torch.from_numpy(x))]
+        got = sess.run(None, {"window": x})
+        worst = max(worst, *(float(np.max(np.abs(a - b))) for a, b in zip(expected, got)))
+    return worst
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_bundle(result: TrainResult, out_dir: Path, max_abs_error: float = 1e-4) -> dict:
+    cfg = result.cfg
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scorer = scorer_for(cfg.model.kind, copy.deepcopy(result.model).cpu())
+    W, F = cfg.window.length, len(result.preprocessor.columns)
+    onnx_path = out_dir / "model.onnx"
+    outputs = export_onnx(scorer, cfg.model.kind, W, F, onnx_path, cfg.export.opset)
+    proto = onnx.load(str(onnx_path))
+    onnx.checker.check_model(proto, full_check=True)
+    err = parity_check(scorer, onnx_path, result.splits["val"].x, cfg.export.parity_batches, cfg.train.seed)
+    if not err < max_abs_error:
+        raise RuntimeError(f"onnxruntime differs from PyTorch by {err:.3g} (limit {max_abs_error:g})")
+
+    kind = cfg.model.kind
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "name": cfg.export.name,
+        "model_kind": kind,
+        "score_kind": SCORERS[kind][1],
+        "onnx": {
+            "file": "model.onnx",
+            "opset": cfg.export.opset,
+            "sha256": None,  # set after the metadata_props are written
+            "inputs": [{"name": "window", "shape": ["batch", W, F], "dtype": "float32"}],
+            "outputs": [{"name": n, "shape": ["batch"] if n == "score" else ["batch", F if n == "feature_scores"
+                                                                           else cfg.model.latent_dim],
+                         "dtype": "float32"} for n in outputs],
+        },
+        "window": {"length": W, "stride": cfg.window.stride, "max_gap_secs": cfg.window.max_gap_secs,
+                   "nan_policy": cfg.window.nan_policy},
+        "features": result.preprocessor.names,
+        "preprocess": {
+            "columns": result.preprocessor.columns,
+            "timestamp": ({"column": cfg.data.timestamp_column, "format": cfg.data.timestamp_format}
+                          if cfg.data.timestamp_column else None),
+            "series_columns": cfg.data.series_columns,
+        },
+        "thresholds": result.thresholds.fitted,
+        "training_data": result.summary,
+        "training_config": cfg.to_dict(),
+        "validation": {
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "train_loss": result.history[result.best_epoch - 1]["train_loss"],
+            "val_loss": result.history[result.best_epoch - 1]["val_loss"],
+            "calibration_scores": {k: float(getattr(np, k)(result.calib_scores)) for k in ("mean", "median", "max")},
+            "onnx_max_abs_error": err,
+            "training_seconds": round(result.seconds, 2),
+        },
+        "created_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "trainer_version": __version__,
+    }
+    props = {
+        "anomalyd.schema_version": str(SCHEMA_VERSION), "anomalyd.name": meta["name"],
+        "anomalyd.model_kind": kind, "anomalyd.score_kind": meta["score_kind"],
+        "anomalyd.window_length": str(W), "anomalyd.stride": str(cfg.window.stride),
+        "anomalyd.features": json.dumps(meta["features"]), "anomalyd.threshold": repr(result.thresholds.value),
+        "anomalyd.trainer_version": __version__, "anomalyd.created_at": meta["created_at"],
+    }
+    onnx.helper.set_model_props(proto, props)
+    proto.producer_name = "anomalyd-train"
+    proto.doc_string = f"anomalyd {kind} scorer: window [batch, {W}, {F}] float32 -> {', '.join(outputs)}"
+    onnx.save(proto, str(onnx_path))
+    meta["onnx"]["sha256"] = _sha256(onnx_path)
+    (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+# === Loading ===
+
+
+class Bundle:
+    """A bundle read back from disk, scoring through onnxruntime."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.meta = json.loads((self.path / "model.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"not a model bundle: {e}", file=self.path / "model.json") from None
+        if self.meta.get("schema_version") != SCHEMA_VERSION:
+            raise InputError(f"schema_version {self.meta.get('schema_version')!r} is not {SCHEMA_VERSION}",
+                             file=self.path / "model.json")
+        onnx_path = self.path / self.meta["onnx"]["file"]
+        if _sha256(onnx_path) != self.meta["onnx"]["sha256"]:
+            raise InputError("model.onnx does not match the sha256 in model.json", file=onnx_path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.cfg: Config = config_from_dict(self.meta["training_config"])
+        self.preprocessor = Preprocessor(self.meta["preprocess"]["columns"])
+        self.threshold = float(self.meta["thresholds"]["value"])
+
+    @property
+    def window(self) -> int:
+        return self.meta["window"]["length"]
+
+    def data_config(self, **overrides) -> Config:
+        """The training config's data section with the given fields replaced (e.g. other paths)."""
+        cfg = config_from_dict(self.meta["training_config"])
+        cfg.data = dataclasses.replace(cfg.data, **overrides)
+        cfg.window.stride = 1  # the daemon scores every window
+        return cfg
+
+    def run(self, x: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        scores, feats = [], []
+        for i in range(0, len(x), batch_size):
+            s, f = self.session.run(["score", "feature_scores"], {"window": x[i: i + batch_size]})
+            scores.append(s)
+            feats.append(f)
+        if not scores:
+            return np.zeros(0, np.float32), np.zeros((0, len(self.preprocessor.columns)), np.float32)
+        return np.concatenate(scores), np.concatenate(feats)
+
+    def score_table(self, table: Table, cfg: Config):
+        """Windows of a table (stride 1, as the daemon) and their ONNX scores."""
+        table = apply_nan_policy(table, cfg.window.nan_policy)
+        prepared = prepare(table, self.preprocessor, cfg)
+        scores, feats = self.run(prepared.windows.x)
+        return prepared, scores, feats
+
+
+def write_golden(bundle: Bundle, records: Path, out_dir: Path, data_overrides: dict, max_windows: int = 64) -> dict:
+    """Golden vectors for the daemon: the raw records, their scaled windows and the ONNX scores."""
+    cfg = bundle.data_config(paths=[str(records)], head_rows=0, filter_column="", **data_overrides)
+    table = load_table(cfg)
+    prepared, scores, feats = bundle.score_table(table, cfg)
+    n = min(max_windows, len(scores))
+    if n == 0:
+        raise InputError(f"too few rows for one window (W={bundle.window})", file=records)
+    pick = np.linspace(0, len(scores) - 1, n).round().astype(int)
+    f = prepared.table.frame
+    ends = prepared.windows.end_row[pick]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(records, out_dir / records.name)
+    golden = {
+        "bundle": bundle.meta["name"],
+        "model_sha256": bundle.meta["onnx"]["sha256"],
+        "records": records.name,
+        "data": dataclasses.asdict(cfg.data) | {"paths": [records.name]},
+        "windows_total": int(len(scores)),
+        "windows": [
+            {"index": int(i), "series": str(f[SERIES].iat[e]), "end_ts": float(f[TS].iat[e]),
+             "end_line": int(f["_line"].iat[e]),
+             "x": prepared.windows.x[i].tolist(), "score": float(scores[i]),
+             "feature_scores": feats[i].tolist(), "anomaly_score": float(scores[i]) / bundle.threshold}
+            for i, e in zip(pick, ends)
+        ],
+    }
+    (out_dir / "golden.json").write_text(json.dumps(golden) + "\n")
+    return golden
+
+

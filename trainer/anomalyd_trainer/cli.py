@@ -1,0 +1,108 @@
+"""`anomalyd-train`: train, export and evaluate bundles.
+
+    anomalyd-train train --config trainer/configs/skab-convae.toml      # → runs/<name>/ and models/<name>/
+    anomalyd-train export --run runs/<name> [--golden RECORDS]          # bundle (and golden vectors) again
+    anomalyd-train evaluate --model models/<name> --data FILE... [--label-column C] [--skip-rows N]
+
+Bad input ends with one line on stderr naming file, place and column, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+EXIT_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anomalyd-train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and export its bundle")
+    t.add_argument("--config", required=True, help="training config (TOML)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.epochs=5")
+    t.add_argument("--runs-dir", default="runs", help="where the run folder (checkpoint, config.json) goes")
+    t.add_argument("--out-dir", help="bundle parent folder (default: [export].out_dir)")
+    t.add_argument("--golden", metavar="RECORDS", help="also write golden vectors from these raw records")
+    t.add_argument("--golden-dir", default="contracts", help="parent folder of golden vectors")
+    t.add_argument("--no-export", action="store_true", help="train and save the run only")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("export", help="write the bundle of a finished run")
+    e.add_argument("--run", required=True, help="run folder written by train")
+    e.add_argument("--out-dir", help="bundle parent folder (default: [export].out_dir)")
+    e.add_argument("--golden", metavar="RECORDS", help="also write golden vectors from these raw records")
+    e.add_argument("--golden-dir", default="contracts", help="parent folder of golden vectors")
+
+    v = sub.add_parser("evaluate", help="metrics of a bundle on labelled data, with baselines")
+    v.add_argument("--model", required=True, help="bundle folder")
+    v.add_argument("--data", required=True, nargs="+", help="labelled files in the bundle's input format")
+    v.add_argument("--label-column", help="default: [data].label_column of the training config")
+    v.add_argument("--skip-rows", type=int, default=0,
+                   help="windows ending in the first N rows of each series are context only (SKAB: 400)")
+    v.add_argument("--json", help="also write the metrics here")
+    return p
+
+
+def _export(run_dir: Path, out_dir: str | None, golden: str | None, golden_dir: str) -> None:
+    from .bundle import Bundle, write_bundle, write_golden
+    from .report import write_report
+    from .run import load_run
+
+    result = load_run(run_dir)
+    bundle_dir = Path(out_dir or result.cfg.export.out_dir) / result.cfg.export.name
+    meta = write_bundle(result, bundle_dir)
+    write_report(result, bundle_dir / "report.png")
+    t = meta["thresholds"]
+    print(f"bundle {bundle_dir}: {meta['model_kind']}, W={meta['window']['length']}, F={len(meta['features'])}, "
+          f"threshold {t['value']:.6g} ({t['method']}), onnx max abs error "
+          f"{meta['validation']['onnx_max_abs_error']:.2e}, {(bundle_dir / 'model.onnx').stat().st_size} bytes")
+    if golden:
+        g = write_golden(Bundle(bundle_dir), Path(golden), Path(golden_dir) / result.cfg.export.name, {})
+        print(f"golden vectors {Path(golden_dir) / result.cfg.export.name}: {len(g['windows'])} of "
+              f"{g['windows_total']} windows")
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        from .config import load_config
+        from .run import save_run
+        from .train import train
+
+        cfg = load_config(args.config, args.set)
+        result = train(cfg, progress=not args.quiet)
+        run_dir = save_run(result, Path(args.runs_dir), argv)
+        v = result.history[result.best_epoch - 1]
+        print(f"trained {cfg.export.name} in {result.seconds:.1f} s: best epoch {result.best_epoch}/"
+              f"{len(result.history)}, train loss {v['train_loss']:.5g}, val loss {v['val_loss']:.5g}; run {run_dir}")
+        if not args.no_export:
+            _export(run_dir, args.out_dir, args.golden, args.golden_dir)
+    elif args.command == "export":
+        _export(Path(args.run), args.out_dir, args.golden, args.golden_dir)
+    elif args.command == "evaluate":
+        from .bundle import Bundle
+        from .evaluate import evaluate, format_table
+
+        report = evaluate(Bundle(args.model), args.data, args.label_column, args.skip_rows)
+        print(format_table(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except InputError as e:
+        print(f"anomalyd-train: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("anomalyd-train: interrupted", file=sys.stderr)
+        return 130
