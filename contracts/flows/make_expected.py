@@ -39,9 +39,9 @@ def main() -> None:
         start = rec.get("time_flow_start_ns", 0)
         flags = rec.get("tcp_flags", 0)
         key = (rec["src_addr"], end // (BUCKET_SECS * 10**9) * BUCKET_SECS)
-        b = buckets.setdefault(
-            key, {"n": 0, "bytes": 0, "packets": 0, "addrs": set(), "ports": set(), "syn": 0, "tcp": 0, "udp": 0, "icmp": 0, "dur": 0}
-        )
+        b = buckets.setdefault(key, {"addrs": set(), "ports": set()})
+        for counter in ("n", "bytes", "packets", "syn", "tcp", "udp", "icmp", "dur"):
+            b.setdefault(counter, 0)
         b["n"] += 1
         b["bytes"] += rec["bytes"] * rate
         b["packets"] += rec["packets"] * rate

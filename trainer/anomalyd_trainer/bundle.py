@@ -23,14 +23,14 @@ from . import __version__
 from .config import Config, config_from_dict
 from .data import SERIES, TS, Preprocessor, Table, apply_nan_policy, load_table
 from .errors import InputError
-from .model import SCORERS, scorer_for
+from .model import OUTPUTS, score_kind, scorer_for
 from .train import TrainResult, prepare
 
 SCHEMA_VERSION = 1
 
 
 def export_onnx(scorer: torch.nn.Module, kind: str, window: int, n_features: int, path: Path, opset: int) -> list[str]:
-    outputs = SCORERS[kind][2]
+    outputs = OUTPUTS[kind]
     dummy = torch.zeros(2, window, n_features)
     torch.onnx.export(
         scorer, (dummy,), str(path), input_names=["window"], output_names=outputs,
@@ -65,7 +65,7 @@ def _sha256(path: Path) -> str:
 def write_bundle(result: TrainResult, out_dir: Path, max_abs_error: float = 1e-4) -> dict:
     cfg = result.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
-    scorer = scorer_for(cfg.model.kind, copy.deepcopy(result.model).cpu())
+    scorer = scorer_for(cfg.model, copy.deepcopy(result.model).cpu())
     W, F = cfg.window.length, len(result.preprocessor.columns)
     onnx_path = out_dir / "model.onnx"
     outputs = export_onnx(scorer, cfg.model.kind, W, F, onnx_path, cfg.export.opset)
@@ -80,7 +80,7 @@ def write_bundle(result: TrainResult, out_dir: Path, max_abs_error: float = 1e-4
         "schema_version": SCHEMA_VERSION,
         "name": cfg.export.name,
         "model_kind": kind,
-        "score_kind": SCORERS[kind][1],
+        "score_kind": score_kind(cfg.model),
         "onnx": {
             "file": "model.onnx",
             "opset": cfg.export.opset,

@@ -55,6 +55,7 @@ class ModelConfig:
     latent_dim: int = 8  # VAE latent size; MLP autoencoder bottleneck
     dropout: float = 0.1
     beta: float = 1.0  # VAE: weight of the KL term
+    vae_score: str = "kl"  # kl: KL(q(z|x) ‖ N(0, I)) | nll: −log N(mu; 0, I) (docs/model-contract.md §3)
 
 
 @dataclass
@@ -106,6 +107,7 @@ CHOICES = {
     ("window", "nan_policy"): {"error", "drop", "ffill"},
     ("window", "constant_features"): {"error", "keep"},
     ("model", "kind"): {"conv_ae", "vae"},
+    ("model", "vae_score"): {"kl", "nll"},
     ("train", "device"): {"auto", "cpu", "cuda"},
     ("calibration", "method"): {"pot", "quantile"},
 }

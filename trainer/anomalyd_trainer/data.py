@@ -104,7 +104,7 @@ def _to_float(df: pd.DataFrame, col: str, path: Path, first_line: int, unit: str
     raw = df[col]
     values = pd.to_numeric(raw, errors="coerce")
     failed = values.isna() & ~raw.isna()
-    if raw.dtype == object:
+    if not pd.api.types.is_numeric_dtype(raw):
         failed &= ~raw.astype(str).str.strip().isin(MISSING_TEXT)
     if failed.any():
         i = int(np.flatnonzero(failed.to_numpy())[0])
@@ -118,10 +118,9 @@ def _parse_timestamps(df: pd.DataFrame, data: DataConfig, path: Path, first_line
     col = data.timestamp_column
     fmt = data.timestamp_format
     if fmt in ("unix_s", "unix_ms", "unix_ns"):
-        v = _to_float(df, col, path, first_line, unit)
         scale = {"unix_s": 1.0, "unix_ms": 1e-3, "unix_ns": 1e-9}[fmt]
-        bad = ~np.isfinite(v)
-        ts = v * scale
+        ts = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64) * scale
+        bad = ~np.isfinite(ts)
     else:
         raw = df[col].astype(str)
         parsed = pd.to_datetime(raw, format=None if fmt == "auto" else fmt, errors="coerce", utc=True)

@@ -13,6 +13,7 @@ by default, so both names and plain numbers are accepted for that one field.
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pandas as pd
 
@@ -37,6 +38,8 @@ PROTO_NAMES: dict[str, int] = {"ICMP": 1, "TCP": 6, "UDP": 17, "ICMPv6": 58, "SC
 number as the empty string, which is kept as OTHER_PROTO: a protocol we cannot number."""
 
 OTHER_PROTO = -1
+
+_PROTO_CODES = {**PROTO_NAMES, "": OTHER_PROTO}
 
 INT64_MAX = 2**63 - 1
 
@@ -70,57 +73,65 @@ def read_goflow2_ndjson(path) -> pd.DataFrame:
     sampling_rate 1); `proto` is an integer with OTHER_PROTO for goflow2's unnamed protocols.
     """
     try:
-        with open(path, "rb") as fh:
-            raw_lines = fh.read().split(b"\n")
+        fh = open(path, "rb")
     except OSError as exc:
         raise InputError(f"cannot read flow file: {exc.strerror or exc}", file=path) from None
 
     cols: dict[str, list] = {name: [] for name in RAW_COLUMNS}
-    for number, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        record = _parse_line(raw, path, number)
-        cols["line"].append(number)
-        for field in ("src_addr", "dst_addr"):
-            cols[field].append(_address(record, field, path, number))
-        for field in _REQUIRED_INTS:
-            if field not in record:
-                raise _missing(field, path, number)
-            cols[field].append(_integer(record[field], field, path, number))
-        for field, default in _OPTIONAL_INTS.items():
-            value = record.get(field)
-            cols[field].append(default if value is None else _integer(value, field, path, number))
-        if "proto" not in record:
-            raise _missing("proto", path, number)
-        cols["proto"].append(_proto(record["proto"], path, number))
-        rate = max(cols["sampling_rate"][-1], 1)
-        for field in ("bytes", "packets"):
-            if cols[field][-1] * rate > INT64_MAX:
-                raise InputError(
-                    f"{field} x sampling_rate exceeds 2^63-1", file=path, location=f"line {number}", column=field
-                )
+    with fh:
+        for number, raw in enumerate(fh, start=1):
+            if raw.strip():
+                _append_record(cols, _parse_line(raw, path, number), path, number)
+    return pd.DataFrame(
+        {
+            name: pd.array(values, dtype=str) if name in ("src_addr", "dst_addr") else np.array(values, dtype=np.int64)
+            for name, values in cols.items()
+        }
+    )
 
-    frame = pd.DataFrame({name: cols[name] for name in RAW_COLUMNS})
-    int_columns = [c for c in RAW_COLUMNS if c not in ("src_addr", "dst_addr")]
-    frame[int_columns] = frame[int_columns].astype("int64")
-    frame[["src_addr", "dst_addr"]] = frame[["src_addr", "dst_addr"]].astype(str)
-    return frame
+
+def _append_record(cols: dict[str, list], record: dict, path, number: int) -> None:
+    """Validate one record and append its normalised values, checking fields in a fixed order so
+    the reported field is deterministic when a line has several problems."""
+    values = {"line": number}
+    for field in ("src_addr", "dst_addr"):
+        values[field] = _address(record, field, path, number)
+    for field in _REQUIRED_INTS:
+        if field not in record:
+            raise _missing(field, path, number)
+        values[field] = _integer(record[field], field, path, number)
+    for field, default in _OPTIONAL_INTS.items():
+        value = record.get(field)
+        values[field] = default if value is None else _integer(value, field, path, number)
+    if "proto" not in record:
+        raise _missing("proto", path, number)
+    values["proto"] = _proto(record["proto"], path, number)
+    rate = max(values["sampling_rate"], 1)
+    for field in ("bytes", "packets"):
+        if values[field] * rate > INT64_MAX:
+            raise _error(f"{field} x sampling_rate exceeds 2^63-1", path, number, field)
+    for name, value in values.items():
+        cols[name].append(value)
 
 
 def _parse_line(raw: bytes, path, number: int) -> dict:
     try:
         record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise InputError("line is not valid UTF-8", file=path, location=f"line {number}") from None
+        raise _error("line is not valid UTF-8", path, number) from None
     except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON ({exc.msg})", file=path, location=f"line {number}") from None
+        raise _error(f"not valid JSON ({exc.msg})", path, number) from None
     if not isinstance(record, dict):
-        raise InputError("not a JSON object", file=path, location=f"line {number}")
+        raise _error("not a JSON object", path, number)
     return record
 
 
+def _error(message: str, path, number: int, field: str | None = None) -> InputError:
+    return InputError(message, file=path, location=f"line {number}", column=field)
+
+
 def _missing(field: str, path, number: int) -> InputError:
-    return InputError("missing required field", file=path, location=f"line {number}", column=field)
+    return _error("missing required field", path, number, field)
 
 
 def _address(record: dict, field: str, path, number: int) -> str:
@@ -128,12 +139,7 @@ def _address(record: dict, field: str, path, number: int) -> str:
         raise _missing(field, path, number)
     value = record[field]
     if not isinstance(value, str) or not value:
-        raise InputError(
-            f"expected a non-empty address string, got {json.dumps(value)}",
-            file=path,
-            location=f"line {number}",
-            column=field,
-        )
+        raise _error(f"expected a non-empty address string, got {json.dumps(value)}", path, number, field)
     return value
 
 
@@ -141,27 +147,20 @@ def _integer(value, field: str, path, number: int) -> int:
     """Accept JSON integers only: goflow2 prints uint64 counters without fraction or quotes,
     and a float cannot hold a nanosecond timestamp exactly."""
     if type(value) is not int:
-        raise InputError(
-            f"expected a non-negative integer, got {json.dumps(value)}",
-            file=path,
-            location=f"line {number}",
-            column=field,
-        )
+        raise _error(f"expected a non-negative integer, got {json.dumps(value)}", path, number, field)
     if value < 0:
-        raise InputError(f"negative value {value}", file=path, location=f"line {number}", column=field)
+        raise _error(f"negative value {value}", path, number, field)
     if value > INT64_MAX:
-        raise InputError(f"value {value} exceeds 2^63-1", file=path, location=f"line {number}", column=field)
+        raise _error(f"value {value} exceeds 2^63-1", path, number, field)
     return value
 
 
 def _proto(value, path, number: int) -> int:
-    if isinstance(value, str):
-        if value == "":
-            return OTHER_PROTO
-        if value in PROTO_NAMES:
-            return PROTO_NAMES[value]
-        raise InputError(f"unknown protocol name {json.dumps(value)}", file=path, location=f"line {number}", column="proto")
-    return _integer(value, "proto", path, number)
+    if not isinstance(value, str):
+        return _integer(value, "proto", path, number)
+    if value not in _PROTO_CODES:
+        raise _error(f"unknown protocol name {json.dumps(value)}", path, number, "proto")
+    return _PROTO_CODES[value]
 
 
 def flow_features(flows: pd.DataFrame, bucket_secs: int = 60) -> pd.DataFrame:
@@ -171,8 +170,9 @@ def flow_features(flows: pd.DataFrame, bucket_secs: int = 60) -> pd.DataFrame:
     on row order and a streaming implementation can reproduce it exactly. Silent buckets produce
     no row; filling gaps is the windowing layer's decision, not this one's.
     """
-    if type(bucket_secs) is not int or bucket_secs <= 0:
+    if isinstance(bucket_secs, bool) or not isinstance(bucket_secs, (int, np.integer)) or bucket_secs <= 0:
         raise ValueError(f"bucket_secs must be a positive integer, got {bucket_secs!r}")
+    bucket_secs = int(bucket_secs)
     needed = [c for c in RAW_COLUMNS if c not in ("line", "src_port")]
     absent = [c for c in needed if c not in flows.columns]
     if absent:
@@ -197,7 +197,7 @@ def flow_features(flows: pd.DataFrame, bucket_secs: int = 60) -> pd.DataFrame:
             "bytes": ints("bytes") * rate,
             "packets": ints("packets") * rate,
             "duration_ns": np.where(start > 0, np.maximum(end - start, 0), 0),
-            "syn_only": (is_tcp & (flags & 0x02 != 0) & (flags & 0x10 == 0)).astype(np.int64),
+            "syn_only": (is_tcp & ((flags & 0x02) != 0) & ((flags & 0x10) == 0)).astype(np.int64),
             "tcp": is_tcp.astype(np.int64),
             "udp": (proto == 17).astype(np.int64),
             "icmp": ((proto == 1) | (proto == 58)).astype(np.int64),

@@ -151,23 +151,35 @@ class AEScorer(nn.Module):
 
 
 class VAEScorer(nn.Module):
-    """window (B, W, F) f32 → score (B,) = −log N(mu; 0, I), feature_scores (B, F) = mean_t x², mu, logvar."""
+    """window (B, W, F) f32 → score (B,), feature_scores (B, F) = mean_t x², mu (B, Z), logvar (B, Z).
 
-    def __init__(self, model: VAE):
+    score is `latent_kl` = KL(q(z|x) ‖ N(0, I)) = ½·Σ(mu² + e^logvar − logvar − 1), or `latent_nll` =
+    −log N(mu; 0, I) = ½·Σ mu² + (Z/2)·ln 2π.
+    """
+
+    def __init__(self, model: VAE, score_kind: str):
         super().__init__()
         self.model = model
+        self.kl = score_kind == "latent_kl"
         self.log_norm = 0.5 * model.latent_dim * math.log(2 * math.pi)
 
     def forward(self, window: torch.Tensor):
         mu, logvar = self.model.encode(window)  # (B, Z) each
-        score = 0.5 * (mu**2).sum(dim=1) + self.log_norm  # (B,)
+        if self.kl:
+            score = 0.5 * (mu**2 + logvar.exp() - logvar - 1.0).sum(dim=1)  # (B,)
+        else:
+            score = 0.5 * (mu**2).sum(dim=1) + self.log_norm  # (B,)
         feature_scores = (window**2).mean(dim=1)  # (B, F)
         return score, feature_scores, mu, logvar
 
 
-SCORERS = {"conv_ae": (AEScorer, "reconstruction_mse", ["score", "feature_scores"]),
-           "vae": (VAEScorer, "latent_nll", ["score", "feature_scores", "mu", "logvar"])}
+OUTPUTS = {"conv_ae": ["score", "feature_scores"], "vae": ["score", "feature_scores", "mu", "logvar"]}
 
 
-def scorer_for(kind: str, model: nn.Module) -> nn.Module:
-    return SCORERS[kind][0](model).eval()
+def score_kind(cfg: ModelConfig) -> str:
+    return "reconstruction_mse" if cfg.kind == "conv_ae" else f"latent_{cfg.vae_score}"
+
+
+def scorer_for(cfg: ModelConfig, model: nn.Module) -> nn.Module:
+    scorer = AEScorer(model) if cfg.kind == "conv_ae" else VAEScorer(model, score_kind(cfg))
+    return scorer.eval()

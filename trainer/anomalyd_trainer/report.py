@@ -50,7 +50,7 @@ def write_report(result: TrainResult, path: Path) -> None:
     ax.legend()
 
     x = result.splits["val"].x
-    val_scores, feats = score_windows(scorer_for(cfg.model.kind, model), x)
+    val_scores, feats = score_windows(scorer_for(cfg.model, model), x)
     picks = np.argsort(val_scores)[[0, len(val_scores) // 2, -1]]
     with torch.no_grad():
         recon = model(torch.from_numpy(x[picks])).numpy()

@@ -167,7 +167,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     model.load_state_dict(best[2])
     model.eval()
 
-    scorer = scorer_for(cfg.model.kind, model)
+    scorer = scorer_for(cfg.model, model)
     calib_scores, _ = score_windows(scorer, splits["calib"].x)
     thresholds = Thresholds(cfg.calibration).fit(calib_scores)
     summary = _summary(table, bool(cfg.data.timestamp_column) or cfg.data.format == "goflow2",
