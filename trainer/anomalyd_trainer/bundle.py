@@ -195,8 +195,11 @@ def write_golden(bundle: Bundle, records: Path, out_dir: Path, data_overrides: d
     pick = np.linspace(0, len(scores) - 1, n).round().astype(int)
     f = prepared.table.frame
     ends = prepared.windows.end_row[pick]
+    # A file without series columns is one series named by its path; name it by the file alone here.
+    series = f[SERIES].astype(str).str.replace(str(records), records.name, regex=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(records, out_dir / records.name)
+    if records.resolve() != (out_dir / records.name).resolve():
+        shutil.copyfile(records, out_dir / records.name)
     golden = {
         "bundle": bundle.meta["name"],
         "model_sha256": bundle.meta["onnx"]["sha256"],
@@ -204,7 +207,7 @@ def write_golden(bundle: Bundle, records: Path, out_dir: Path, data_overrides: d
         "data": dataclasses.asdict(cfg.data) | {"paths": [records.name]},
         "windows_total": int(len(scores)),
         "windows": [
-            {"index": int(i), "series": str(f[SERIES].iat[e]), "end_ts": float(f[TS].iat[e]),
+            {"index": int(i), "series": series.iat[e], "end_ts": float(f[TS].iat[e]),
              "end_line": int(f["_line"].iat[e]),
              "x": prepared.windows.x[i].tolist(), "score": float(scores[i]),
              "feature_scores": feats[i].tolist(), "anomaly_score": float(scores[i]) / bundle.threshold}

@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--model", required=True, help="bundle folder")
     v.add_argument("--data", required=True, nargs="+", help="labelled files in the bundle's input format")
     v.add_argument("--label-column", help="default: [data].label_column of the training config")
+    v.add_argument("--labels", help="labels in a separate CSV, joined on the series columns and timestamp "
+                   "(goflow2: host,bucket_start,label)")
+    v.add_argument("--train-data", nargs="+", help="the bundle's training files, for the baselines "
+                   "(default: the paths in its training_config)")
     v.add_argument("--skip-rows", type=int, default=0,
                    help="windows ending in the first N rows of each series are context only (SKAB: 400)")
     v.add_argument("--json", help="also write the metrics here")
@@ -90,7 +94,8 @@ def run(argv: list[str]) -> int:
         from .bundle import Bundle
         from .evaluate import evaluate, format_table
 
-        report = evaluate(Bundle(args.model), args.data, args.label_column, args.skip_rows)
+        report = evaluate(Bundle(args.model), args.data, args.label_column, args.skip_rows, args.labels,
+                          args.train_data)
         print(format_table(report))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

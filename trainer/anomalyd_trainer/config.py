@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .flows import FLOW_FEATURES
 
 
 @dataclass
@@ -30,6 +32,7 @@ class DataConfig:
     categorical_columns: list[str] = field(default_factory=list)  # one-hot encoded after numerics
     log1p_columns: list[str] = field(default_factory=list)  # numeric features taken as ln(1+x)
     label_column: str = ""  # evaluation only: 1/true/anything but the normal_labels = anomalous
+    labels_file: str = ""  # evaluation only: labels in a separate CSV, joined on series columns + timestamp
     normal_labels: list[str] = field(default_factory=lambda: ["0", "0.0", "normal", "false", "False"])
     filter_column: str = ""  # keep only rows whose value is in filter_values (e.g. normal traffic)
     filter_values: list[str] = field(default_factory=list)
@@ -165,13 +168,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise InputError(f"cannot read config: {e.strerror}", file=path) from None
         except tomllib.TOMLDecodeError as e:
             raise InputError(f"not valid TOML: {e}", file=path) from None
+    # Paths in the file are relative to the file; paths given with --set, to the working directory.
+    # Both are stored relative to the working directory (the repository root for the documented
+    # commands), so a bundle's training_config stays meaningful on another machine.
+    paths = raw.get("data", {}).get("paths")
+    if isinstance(paths, list):
+        raw["data"]["paths"] = [p if not isinstance(p, str) or Path(p).is_absolute() else os.path.relpath(base / p)
+                                for p in paths]
     for text in overrides:
         section, key, value = _parse_override(text)
         raw.setdefault(section, {})[key] = value
-
-    cfg = config_from_dict(raw, source)
-    cfg.data.paths = [str((base / p)) if not Path(p).is_absolute() else p for p in cfg.data.paths]
-    return cfg
+    return config_from_dict(raw, source)
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:
@@ -219,8 +226,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     d = cfg.data
     if d.format != "goflow2" and not d.feature_columns and not d.categorical_columns:
         bad("[data].feature_columns", "name at least one feature column")
-    unknown_log = set(d.log1p_columns) - set(d.feature_columns)
-    if d.format != "goflow2" and unknown_log:
+    features = d.feature_columns or (FLOW_FEATURES if d.format == "goflow2" else [])
+    unknown_log = set(d.log1p_columns) - set(features)
+    if unknown_log:
         bad("[data].log1p_columns", f"not in feature_columns: {sorted(unknown_log)}")
     if not d.csv_header and not d.column_names:
         bad("[data].column_names", "a headerless CSV needs column_names")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .config import Config, DataConfig
 from .errors import InputError
+from .flows import FLOW_FEATURES, load_flow_series
 
 # Meta columns carried next to the data columns.
 SERIES, TS, FILE, LINE, LABEL = "_series", "_ts", "_file", "_line", "_label"
@@ -80,8 +81,6 @@ def _read_raw(path: Path, data: DataConfig) -> tuple[pd.DataFrame, int, str]:
             df = pd.DataFrame(rows)
             return df, 0, "line"
         if fmt == "goflow2":
-            from .flows import load_flow_series
-
             df = load_flow_series(path, data.flow_bucket_secs)
             return df, 0, "bucket"
     except InputError:
@@ -151,8 +150,6 @@ class Table:
 
 def feature_columns(data: DataConfig) -> list[str]:
     if data.format == "goflow2" and not data.feature_columns:
-        from .flows import FLOW_FEATURES
-
         return list(FLOW_FEATURES)
     return list(data.feature_columns)
 
@@ -173,9 +170,9 @@ def load_table(cfg: Config, paths: list[str] | None = None, with_labels: bool = 
         else:
             series_cols, ts_col, ts_fmt_data = data.series_columns, data.timestamp_column, data
         needed = numeric + categorical + series_cols + ([ts_col] if ts_col else [])
-        if with_labels:
-            if not data.label_column:
-                raise InputError("evaluation needs a label column", location="[data].label_column")
+        if with_labels and not data.label_column:
+            raise InputError("evaluation needs a label column", location="[data].label_column")
+        if with_labels and not data.labels_file:
             needed.append(data.label_column)
         if data.filter_column:
             needed.append(data.filter_column)
@@ -205,7 +202,9 @@ def load_table(cfg: Config, paths: list[str] | None = None, with_labels: bool = 
         out[FILE] = str(path)
         out[LINE] = df[LINE].to_numpy() if LINE in df.columns else np.arange(len(df)) + first_line
         if with_labels:
-            out[LABEL] = is_anomalous_label(df[data.label_column], data.normal_labels)
+            labels = df[data.label_column] if not data.labels_file else _joined_labels(out, data, series_cols, ts_col,
+                                                                                      ts_fmt_data)
+            out[LABEL] = is_anomalous_label(labels, data.normal_labels)
         frames.append(out)
 
     frame = pd.concat(frames, ignore_index=True)
@@ -215,6 +214,30 @@ def load_table(cfg: Config, paths: list[str] | None = None, with_labels: bool = 
         dropped["duplicate_timestamp"] += int(dup.sum())
         frame = frame[~dup].reset_index(drop=True)
     return Table(frame, numeric, categorical, dropped, [str(f) for f in files])
+
+
+def _joined_labels(out: pd.DataFrame, data: DataConfig, series_cols: list[str], ts_col: str,
+                   ts_data: DataConfig) -> pd.Series:
+    """Labels from `data.labels_file`, matched to rows on (series key, timestamp); every row needs one."""
+    path = Path(data.labels_file)
+    try:
+        labels = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read labels: {e}", file=path) from None
+    missing = [c for c in [*series_cols, ts_col, data.label_column] if c not in labels.columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", file=path, column=missing[0])
+    key = labels[series_cols].astype(str).agg("/".join, axis=1) if series_cols else pd.Series("", index=labels.index)
+    ts = _parse_timestamps(labels, ts_data, path, 2, "line")
+    lookup = pd.Series(labels[data.label_column].to_numpy(), index=pd.MultiIndex.from_arrays([key.to_numpy(), ts]))
+    lookup = lookup[~lookup.index.duplicated()]
+    rows = pd.MultiIndex.from_arrays([out[SERIES].to_numpy() if series_cols else np.full(len(out), ""),
+                                      out[TS].to_numpy()])
+    found = lookup.reindex(rows)
+    if found.isna().any():
+        i = int(np.flatnonzero(found.isna().to_numpy())[0])
+        raise InputError(f"no label for series {rows[i][0]!r} at {rows[i][1]:g}", file=path, column=data.label_column)
+    return pd.Series(found.to_numpy(), index=out.index)
 
 
 def apply_nan_policy(table: Table, policy: str) -> Table:

@@ -11,11 +11,14 @@ detector's threshold comes from its own held-out normal scores (never from these
 
 from __future__ import annotations
 
+import glob
+
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .bundle import Bundle
 from .calibrate import Thresholds
+from .errors import InputError
 from .data import LABEL, SERIES, apply_nan_policy, load_table, split_parts
 from .train import prepare
 
@@ -67,10 +70,12 @@ def _skip_mask(frame, end_rows: np.ndarray, skip_rows: int) -> np.ndarray:
 
 
 def evaluate(bundle: Bundle, paths: list[str], label_column: str | None = None, skip_rows: int = 0,
-             seed: int = 0) -> dict:
+             labels_file: str | None = None, train_paths: list[str] | None = None, seed: int = 0) -> dict:
     overrides = {"paths": paths, "head_rows": 0, "filter_column": ""}
     if label_column:
         overrides["label_column"] = label_column
+    if labels_file:
+        overrides["labels_file"] = labels_file
     cfg = bundle.data_config(**overrides)
     test = load_table(cfg, with_labels=True)
     prepared, scores, _ = bundle.score_table(test, cfg)
@@ -80,7 +85,11 @@ def evaluate(bundle: Bundle, paths: list[str], label_column: str | None = None, 
     x_test = prepared.windows.x[keep]
 
     # Baselines are fitted on the bundle's own training data, split exactly as in training.
-    train_cfg = bundle.data_config()
+    train_cfg = bundle.data_config(**({"paths": train_paths} if train_paths else {}))
+    for p in train_cfg.data.paths:
+        if not glob.glob(p):
+            raise InputError(f"the bundle's training data is not here (needed for the baselines); pass --train-data",
+                             file=p)
     train_cfg.window.stride = bundle.meta["window"]["stride"]
     train_table = apply_nan_policy(load_table(train_cfg), train_cfg.window.nan_policy)
     part = split_parts(train_table.frame[SERIES].to_numpy(), train_cfg.train.val_fraction,

@@ -17,7 +17,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from anomalyd_trainer.errors import InputError
+from .errors import InputError
 
 FLOW_FEATURES: list[str] = [
     "flows",
