@@ -58,7 +58,7 @@ class ModelConfig:
     latent_dim: int = 8  # VAE latent size; MLP autoencoder bottleneck
     dropout: float = 0.1
     beta: float = 1.0  # VAE: weight of the KL term
-    vae_score: str = "kl"  # kl: KL(q(z|x) ‖ N(0, I)) | nll: −log N(mu; 0, I) (docs/model-contract.md §3)
+    vae_score: str = "nll"  # nll: −log N(mu; 0, I) | kl: KL(q(z|x) ‖ N(0, I)) (docs/model-contract.md §3)
 
 
 @dataclass
