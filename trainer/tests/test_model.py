@@ -65,3 +65,15 @@ def test_thresholds_refuse_to_normalise_before_fit_and_fall_back_to_quantile():
     t.fit(np.linspace(0.1, 1.0, 100))  # 2 points above the 98% quantile: too few for POT
     assert t.fitted["method"] == "quantile" and t.fitted["pot"]["value"] is None
     assert t.normalise(np.array([t.value]))[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind,window", [("conv_ae", 13), ("vae", 13), ("conv_ae", 1)])
+def test_padded_and_mlp_graphs_export_with_parity(kind, window, tmp_path):
+    """W not a multiple of 2**depth exercises the edge padding (ONNX Pad) and the crop."""
+    from anomalyd_trainer.bundle import export_onnx, parity_check
+
+    cfg = ModelConfig(kind=kind, channels=[8, 4], hidden=[16], latent_dim=3)
+    scorer = scorer_for(cfg, build_model(kind, 5, window, cfg))
+    export_onnx(scorer, kind, window, 5, tmp_path / "m.onnx", 17)
+    real = np.random.default_rng(1).standard_normal((50, window, 5)).astype(np.float32)
+    assert parity_check(scorer, tmp_path / "m.onnx", real, trials=4, seed=0) < 1e-4
