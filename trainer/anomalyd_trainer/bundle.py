@@ -62,6 +62,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _record_keys(cfg: Config) -> dict:
+    """Where a record's event time and series key come from; flow features carry their own."""
+    if cfg.data.format == "goflow2":
+        return {"timestamp": {"column": "bucket_start", "format": "unix_s"}, "series_columns": ["host"]}
+    timestamp = cfg.data.timestamp_column
+    return {"timestamp": {"column": timestamp, "format": cfg.data.timestamp_format} if timestamp else None,
+            "series_columns": cfg.data.series_columns}
+
+
 def write_bundle(result: TrainResult, out_dir: Path, max_abs_error: float = 1e-4) -> dict:
     cfg = result.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,12 +102,7 @@ def write_bundle(result: TrainResult, out_dir: Path, max_abs_error: float = 1e-4
         "window": {"length": W, "stride": cfg.window.stride, "max_gap_secs": cfg.window.max_gap_secs,
                    "nan_policy": cfg.window.nan_policy},
         "features": result.preprocessor.names,
-        "preprocess": {
-            "columns": result.preprocessor.columns,
-            "timestamp": ({"column": cfg.data.timestamp_column, "format": cfg.data.timestamp_format}
-                          if cfg.data.timestamp_column else None),
-            "series_columns": cfg.data.series_columns,
-        },
+        "preprocess": {"columns": result.preprocessor.columns, **_record_keys(cfg)},
         "thresholds": result.thresholds.fitted,
         "training_data": result.summary,
         "training_config": cfg.to_dict(),

@@ -1,0 +1,235 @@
+//! `anomalyd score`: offline scoring of a CSV or NDJSON file, for backtests and threshold tuning.
+//!
+//! Same parser, windows and ONNX scoring as the daemon; every window (stride 1 unless told
+//! otherwise) becomes one output row: series, end time, raw score, anomaly_score (1.0 = the
+//! threshold) and the top contributing features. Bad records are counted by reason and skipped.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::model::{Model, Scorer};
+use crate::preprocess::Preprocessor;
+use crate::record::{parse_ndjson, CsvParser, FieldMap, TimeFormat};
+use crate::window::{Dropped, Outcome, WindowSpec, Windower};
+
+/// Windows per ONNX Runtime call.
+const BATCH: usize = 256;
+/// Feature names listed per window in the output.
+const TOP_FEATURES: usize = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputFormat {
+    Csv,
+    Ndjson,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Csv,
+    Ndjson,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ScoreArgs {
+    /// Model bundle folder (model.json + model.onnx).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Records to score.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where the scores go (default: stdout).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Input format (default: from the file extension; .csv/.txt = csv, else ndjson).
+    #[arg(long, value_enum)]
+    pub format: Option<InputFormat>,
+    #[arg(long, value_enum, default_value = "csv")]
+    pub output_format: OutputFormat,
+    /// CSV delimiter (default: the one the model was trained with).
+    #[arg(long)]
+    pub delimiter: Option<char>,
+    /// Column names of a headerless CSV, comma-separated (default: as in training).
+    #[arg(long, value_delimiter = ',')]
+    pub columns: Option<Vec<String>>,
+    /// Score every S-th window of a segment.
+    #[arg(long, default_value_t = 1)]
+    pub stride: usize,
+    /// ONNX Runtime library (default: see docs; ORT_DYLIB_PATH).
+    #[arg(long)]
+    pub onnxruntime: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The bundle's training input mapping: timestamp, series columns, CSV layout.
+struct TrainingInput {
+    map: FieldMap,
+    delimiter: char,
+    header: Option<Vec<String>>,
+}
+
+fn training_input(model: &Model, pre: &Preprocessor) -> Result<TrainingInput> {
+    let text = std::fs::read_to_string(model.dir.join("model.json"))?;
+    let json: serde_json::Value = serde_json::from_str(&text)?;
+    let data = &json["training_config"]["data"];
+    let timestamp = model.meta.preprocess.timestamp.as_ref().map(|t| (t.column.clone(), TimeFormat::parse(&t.format)));
+    let delimiter = data["csv_delimiter"].as_str().and_then(|s| s.chars().next()).unwrap_or(',');
+    let header = (data["csv_header"].as_bool() == Some(false)).then(|| {
+        data["column_names"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+    });
+    let map = FieldMap { timestamp, series: model.meta.preprocess.series_columns.clone(), fields: pre.fields().to_vec() };
+    Ok(TrainingInput { map, delimiter, header })
+}
+
+struct Output {
+    out: Box<dyn Write>,
+    format: OutputFormat,
+    names: Vec<String>,
+    threshold: f64,
+}
+
+impl Output {
+    fn header(&mut self) -> Result<()> {
+        if self.format == OutputFormat::Csv {
+            writeln!(self.out, "series,end_ts,score,anomaly_score,top_features")?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, series: &str, end_ts: f64, score: f32, feature_scores: &[f32]) -> Result<()> {
+        let mut order: Vec<usize> = (0..feature_scores.len()).collect();
+        order.sort_by(|&a, &b| feature_scores[b].total_cmp(&feature_scores[a]));
+        let top: Vec<&str> = order.iter().take(TOP_FEATURES).map(|&j| self.names[j].as_str()).collect();
+        let anomaly = score as f64 / self.threshold;
+        match self.format {
+            OutputFormat::Csv => {
+                let quoted = |s: &str| if s.contains([',', '"']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+                writeln!(self.out, "{},{end_ts},{score},{anomaly},{}", quoted(series), quoted(&top.join("|")))?
+            }
+            OutputFormat::Ndjson => writeln!(
+                self.out,
+                "{}",
+                serde_json::json!({"series": series, "end_ts": end_ts, "score": score, "anomaly_score": anomaly, "top_features": top})
+            )?,
+        }
+        Ok(())
+    }
+}
+
+/// Runs the whole file; returns the number of windows scored.
+pub fn run(args: &ScoreArgs) -> Result<u64> {
+    if args.stride == 0 {
+        bail!("--stride must be >= 1");
+    }
+    let model = Model::load(&args.model)?;
+    let env = crate::onnxruntime::init(args.onnxruntime.as_deref())?;
+    let mut scorer = Scorer::new(&env, &model).map_err(|e| anyhow::anyhow!("{}: {e}", model.onnx_path.display()))?;
+    let pre = Preprocessor::new(&model.meta);
+    let input = training_input(&model, &pre)?;
+    let names = model.meta.features.clone();
+    let spec = WindowSpec {
+        length: model.window_len(),
+        stride: args.stride,
+        max_gap_secs: model.meta.window.max_gap_secs,
+        nan_policy: model.meta.window.nan_policy,
+    };
+    let (w, f) = (model.window_len(), model.n_features());
+    let mut windower = Windower::new(spec, pre);
+
+    let file = std::fs::File::open(&args.input).with_context(|| format!("{}: cannot open", args.input.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut lines = BufReader::new(file).lines();
+    let series_name = args.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let format = args.format.unwrap_or(match extension(&args.input) {
+        "csv" | "txt" => InputFormat::Csv,
+        _ => InputFormat::Ndjson,
+    });
+    let delimiter = args.delimiter.unwrap_or(input.delimiter);
+    let mut line_no = 0u64;
+    let csv = if format == InputFormat::Csv {
+        let header = match (&args.columns, &input.header) {
+            (Some(c), _) | (None, Some(c)) => c.clone(),
+            (None, None) => {
+                line_no += 1;
+                let first = lines.next().context("empty input")??;
+                CsvParser::header(&first, delimiter)
+            }
+        };
+        Some(CsvParser::new(input.map.clone(), &header, delimiter).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?)
+    } else {
+        None
+    };
+
+    let sink: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut out = Output { out: sink, format: args.output_format, names, threshold: model.threshold() };
+    out.header()?;
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
+    bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {per_sec} eta {eta} {msg}")?);
+
+    let mut batch: Vec<f32> = Vec::with_capacity(BATCH * w * f);
+    let mut pending: Vec<(String, f64)> = Vec::with_capacity(BATCH);
+    let mut skipped: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut windows = 0u64;
+    let mut flush = |batch: &mut Vec<f32>, pending: &mut Vec<(String, f64)>, out: &mut Output| -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let scores = scorer.score(batch, pending.len()).map_err(|e| anyhow::anyhow!("inference: {e}"))?;
+        for (i, (series, end_ts)) in pending.iter().enumerate() {
+            out.write(series, *end_ts, scores.score[i], &scores.feature_scores[i * f..(i + 1) * f])?;
+        }
+        windows += pending.len() as u64;
+        batch.clear();
+        pending.clear();
+        Ok(())
+    };
+    for line in lines {
+        let line = line.with_context(|| format!("{}: read error after line {line_no}", args.input.display()))?;
+        line_no += 1;
+        bar.inc(line.len() as u64 + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = match &csv {
+            Some(p) => p.parse(&line, &series_name),
+            None => parse_ndjson(&input.map, &line, &series_name),
+        };
+        let record = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                *skipped.entry(e.reason()).or_default() += 1;
+                tracing::debug!(line = line_no, error = %e, "Skipped record.");
+                continue;
+            }
+        };
+        match windower.push(&record, &mut batch).outcome {
+            Outcome::Window { end_ts } => pending.push((record.series.clone(), end_ts)),
+            Outcome::Dropped(Dropped::OutOfOrder) => *skipped.entry("out_of_order").or_default() += 1,
+            Outcome::Dropped(Dropped::Nan) => *skipped.entry("nan").or_default() += 1,
+            Outcome::Buffered => {}
+        }
+        if pending.len() == BATCH {
+            flush(&mut batch, &mut pending, &mut out)?;
+        }
+    }
+    flush(&mut batch, &mut pending, &mut out)?;
+    out.out.flush()?;
+    bar.finish_and_clear();
+    let skipped_text = if skipped.is_empty() { "none".to_string() } else { format!("{skipped:?}") };
+    eprintln!("anomalyd score: {line_no} lines, {windows} windows scored, records skipped: {skipped_text}");
+    Ok(windows)
+}
+
+fn extension(path: &Path) -> &str {
+    path.extension().and_then(|e| e.to_str()).unwrap_or("")
+}

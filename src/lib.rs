@@ -1,0 +1,20 @@
+//! anomalyd: per-series sliding windows scored by ONNX autoencoders and VAEs.
+//!
+//! # Layout
+//!
+//! - [`backtest`]: `anomalyd score`, offline scoring of a file
+//! - [`model`]: bundles (`model.json` + `model.onnx`), validation, one ONNX Runtime session per worker
+//! - [`onnxruntime`]: finding and loading the ONNX Runtime shared library
+//! - [`record`]: CSV / NDJSON payloads → raw records (series, event time, field values)
+//! - [`preprocess`]: raw field values → scaled feature rows, exactly as the trainer
+//! - [`window`]: per-series windows (order, gaps, NaN policy, stride) per docs/model-contract.md
+//!
+//! The contract these modules implement is docs/model-contract.md; `tests/golden.rs` proves the
+//! windows and scores match the trainer's golden vectors.
+
+pub mod backtest;
+pub mod model;
+pub mod onnxruntime;
+pub mod preprocess;
+pub mod record;
+pub mod window;

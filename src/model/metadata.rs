@@ -1,0 +1,109 @@
+//! `model.json`: the part of the bundle contract the daemon reads (docs/model-contract.md §5).
+//!
+//! Fields the daemon does not use (training config, data summary, …) are ignored, so the trainer
+//! can add provenance without breaking older daemons; `schema_version` guards real changes.
+
+use serde::Deserialize;
+
+/// The only `schema_version` this daemon understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelMeta {
+    pub schema_version: u32,
+    pub name: String,
+    pub model_kind: ModelKind,
+    pub score_kind: String,
+    pub onnx: OnnxMeta,
+    pub window: WindowMeta,
+    pub features: Vec<String>,
+    pub preprocess: PreprocessMeta,
+    pub thresholds: ThresholdsMeta,
+    #[serde(default)]
+    pub created_at: String,
+    #[serde(default)]
+    pub trainer_version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    ConvAe,
+    Vae,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OnnxMeta {
+    pub file: String,
+    pub opset: u32,
+    pub sha256: String,
+    pub inputs: Vec<TensorMeta>,
+    pub outputs: Vec<TensorMeta>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TensorMeta {
+    pub name: String,
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WindowMeta {
+    /// W: rows per window.
+    pub length: usize,
+    /// S used in training; the daemon's own stride is configured separately.
+    pub stride: usize,
+    /// A larger step in event time starts a new segment; 0 disables gap splitting.
+    pub max_gap_secs: f64,
+    pub nan_policy: NanPolicy,
+}
+
+/// What happens to a missing, NaN or infinite numeric value (contract §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NanPolicy {
+    /// Training refused such rows; at run time the record is dropped and counted.
+    Error,
+    Drop,
+    /// Last valid value of the feature in the same series; dropped when there is none yet.
+    Ffill,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PreprocessMeta {
+    pub columns: Vec<ColumnMeta>,
+    pub timestamp: Option<TimestampMeta>,
+    #[serde(default)]
+    pub series_columns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TimestampMeta {
+    pub column: String,
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ColumnMeta {
+    pub name: String,
+    pub source: String,
+    pub transform: Transform,
+    pub category: Option<String>,
+    pub mean: f64,
+    pub std: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    None,
+    Log1p,
+    OneHot,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ThresholdsMeta {
+    pub method: String,
+    /// The raw score that maps to `anomaly_score = 1.0`.
+    pub value: f64,
+}

@@ -1,0 +1,339 @@
+//! Payloads → raw records: series key, event time, and the model's source fields.
+//!
+//! One line is one record (CSV or NDJSON), so every source — a file, stdin, a Kafka message —
+//! feeds the same parser. Errors are typed: the caller counts them by [`ParseError::reason`],
+//! logs them rate-limited and skips (or dead-letters) the record; parsing never panics on input.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDateTime};
+
+/// Text the trainer reads as a missing value (trainer/anomalyd_trainer/data.py `MISSING_TEXT`).
+const MISSING_TEXT: [&str; 9] = ["", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A"];
+
+/// Lines longer than this are refused before parsing (a record is a few hundred bytes).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    /// A number; missing / NaN / ±inf are kept as non-finite for the NaN policy.
+    Numeric,
+    /// A category for one-hot columns, compared as trimmed text.
+    Categorical,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldSpec {
+    pub name: String,
+    pub kind: FieldKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimeFormat {
+    UnixSecs,
+    UnixMillis,
+    UnixNanos,
+    /// RFC 3339 / ISO 8601 with an offset, or a naive `YYYY-MM-DD[ T]HH:MM:SS[.f]` taken as UTC.
+    Auto,
+    /// A strftime pattern; a time without offset is UTC.
+    Pattern(String),
+}
+
+impl TimeFormat {
+    pub fn parse(text: &str) -> TimeFormat {
+        match text {
+            "unix_s" => TimeFormat::UnixSecs,
+            "unix_ms" => TimeFormat::UnixMillis,
+            "unix_ns" => TimeFormat::UnixNanos,
+            "auto" | "rfc3339" => TimeFormat::Auto,
+            pattern => TimeFormat::Pattern(pattern.to_string()),
+        }
+    }
+
+    /// Event time in unix seconds.
+    fn seconds(&self, text: &str) -> Option<f64> {
+        let text = text.trim();
+        let number = || text.parse::<f64>().ok().filter(|v| v.is_finite());
+        match self {
+            TimeFormat::UnixSecs => number(),
+            TimeFormat::UnixMillis => number().map(|v| v * 1e-3),
+            TimeFormat::UnixNanos => number().map(|v| v * 1e-9),
+            TimeFormat::Auto => DateTime::parse_from_rfc3339(text)
+                .map(|t| t.timestamp_micros() as f64 * 1e-6)
+                .ok()
+                .or_else(|| {
+                    ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"]
+                        .iter()
+                        .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
+                        .map(|t| t.and_utc().timestamp_micros() as f64 * 1e-6)
+                }),
+            TimeFormat::Pattern(p) => DateTime::parse_from_str(text, p)
+                .map(|t| t.timestamp_micros() as f64 * 1e-6)
+                .or_else(|_| NaiveDateTime::parse_from_str(text, p).map(|t| t.and_utc().timestamp_micros() as f64 * 1e-6))
+                .ok(),
+        }
+    }
+}
+
+/// Which fields of a record feed the model, and how the series and event time are found.
+#[derive(Debug, Clone)]
+pub struct FieldMap {
+    /// Event-time field; `None` means arrival order is time order (sequence numbers per series).
+    pub timestamp: Option<(String, TimeFormat)>,
+    /// Fields whose values, joined with `/`, name the series; empty = one series per input.
+    pub series: Vec<String>,
+    /// The model's source fields, in the order the preprocessor expects their values.
+    pub fields: Vec<FieldSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Num(f64),
+    Text(String),
+}
+
+/// One parsed record. `values[i]` belongs to `FieldMap::fields[i]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRecord {
+    pub series: String,
+    /// Unix seconds, or `None` when the map has no timestamp field.
+    pub ts: Option<f64>,
+    pub values: Vec<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParseError {
+    #[error("line of {0} bytes exceeds the {MAX_LINE_BYTES}-byte limit")]
+    TooLong(usize),
+    #[error("not valid JSON: {0}")]
+    NotJson(String),
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("field `{0}` is missing")]
+    MissingField(String),
+    #[error("field `{field}`: not a number: {value:?}")]
+    NotANumber { field: String, value: String },
+    #[error("field `{field}`: not a timestamp: {value:?}")]
+    BadTimestamp { field: String, value: String },
+    #[error("expected {expected} CSV columns, got {got}")]
+    ColumnCount { expected: usize, got: usize },
+}
+
+impl ParseError {
+    /// A stable label value for metrics (never raw error text).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ParseError::TooLong(_) => "too_long",
+            ParseError::NotJson(_) | ParseError::NotObject => "malformed",
+            ParseError::MissingField(_) | ParseError::ColumnCount { .. } => "missing_field",
+            ParseError::NotANumber { .. } => "wrong_type",
+            ParseError::BadTimestamp { .. } => "bad_timestamp",
+        }
+    }
+}
+
+fn numeric(field: &str, text: &str) -> Result<f64, ParseError> {
+    let t = text.trim();
+    if MISSING_TEXT.contains(&t) {
+        return Ok(f64::NAN);
+    }
+    t.parse::<f64>().map_err(|_| ParseError::NotANumber { field: field.to_string(), value: text.to_string() })
+}
+
+fn value_from_text(spec: &FieldSpec, text: &str) -> Result<Value, ParseError> {
+    match spec.kind {
+        FieldKind::Numeric => numeric(&spec.name, text).map(Value::Num),
+        FieldKind::Categorical => Ok(Value::Text(text.trim().to_string())),
+    }
+}
+
+fn timestamp(map: &FieldMap, text: &str) -> Result<Option<f64>, ParseError> {
+    let Some((field, format)) = &map.timestamp else { return Ok(None) };
+    format
+        .seconds(text)
+        .map(Some)
+        .ok_or_else(|| ParseError::BadTimestamp { field: field.clone(), value: text.to_string() })
+}
+
+// === CSV ===
+
+/// Splits one CSV line on `delimiter`, honouring double-quoted fields with `""` escapes.
+fn split_csv(line: &str, delimiter: char) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            c if c == delimiter && !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// Parses CSV lines whose columns are known (a header line, or configured names).
+#[derive(Debug, Clone)]
+pub struct CsvParser {
+    map: FieldMap,
+    delimiter: char,
+    columns: usize,
+    /// Column index of the timestamp, each series field and each model field.
+    ts_col: Option<usize>,
+    series_cols: Vec<usize>,
+    field_cols: Vec<usize>,
+}
+
+impl CsvParser {
+    /// `header` names the columns in order. Fails with the first field the header lacks.
+    pub fn new(map: FieldMap, header: &[String], delimiter: char) -> Result<CsvParser, ParseError> {
+        let index: HashMap<&str, usize> = header.iter().enumerate().map(|(i, h)| (h.trim(), i)).collect();
+        let col = |name: &str| index.get(name).copied().ok_or_else(|| ParseError::MissingField(name.to_string()));
+        let ts_col = map.timestamp.as_ref().map(|(f, _)| col(f)).transpose()?;
+        let series_cols = map.series.iter().map(|f| col(f)).collect::<Result<_, _>>()?;
+        let field_cols = map.fields.iter().map(|f| col(&f.name)).collect::<Result<_, _>>()?;
+        Ok(CsvParser { map, delimiter, columns: header.len(), ts_col, series_cols, field_cols })
+    }
+
+    pub fn header(line: &str, delimiter: char) -> Vec<String> {
+        split_csv(line.trim_end_matches(['\r', '\n']), delimiter)
+    }
+
+    /// `default_series` names the series when the map has no series fields.
+    pub fn parse(&self, line: &str, default_series: &str) -> Result<RawRecord, ParseError> {
+        if line.len() > MAX_LINE_BYTES {
+            return Err(ParseError::TooLong(line.len()));
+        }
+        let cells = split_csv(line.trim_end_matches(['\r', '\n']), self.delimiter);
+        if cells.len() != self.columns {
+            return Err(ParseError::ColumnCount { expected: self.columns, got: cells.len() });
+        }
+        let ts = match self.ts_col {
+            Some(i) => timestamp(&self.map, &cells[i])?,
+            None => None,
+        };
+        let series = if self.series_cols.is_empty() {
+            default_series.to_string()
+        } else {
+            self.series_cols.iter().map(|&i| cells[i].as_str()).collect::<Vec<_>>().join("/")
+        };
+        let values = self
+            .map
+            .fields
+            .iter()
+            .zip(&self.field_cols)
+            .map(|(spec, &i)| value_from_text(spec, &cells[i]))
+            .collect::<Result<_, _>>()?;
+        Ok(RawRecord { series, ts, values })
+    }
+}
+
+// === NDJSON ===
+
+fn json_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(if *b { "True" } else { "False" }.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses one JSON object per line; fields are looked up by name.
+pub fn parse_ndjson(map: &FieldMap, line: &str, default_series: &str) -> Result<RawRecord, ParseError> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(ParseError::TooLong(line.len()));
+    }
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| ParseError::NotJson(e.to_string()))?;
+    let obj = value.as_object().ok_or(ParseError::NotObject)?;
+    let get = |name: &str| obj.get(name).ok_or_else(|| ParseError::MissingField(name.to_string()));
+    let ts = match &map.timestamp {
+        Some((field, _)) => {
+            let raw = get(field)?;
+            let text = json_text(raw).unwrap_or_default();
+            timestamp(map, &text)?
+        }
+        None => None,
+    };
+    let series = if map.series.is_empty() {
+        default_series.to_string()
+    } else {
+        let parts = map.series.iter().map(|f| get(f).map(|v| json_text(v).unwrap_or_default())).collect::<Result<Vec<_>, _>>()?;
+        parts.join("/")
+    };
+    let values = map
+        .fields
+        .iter()
+        .map(|spec| {
+            let raw = get(&spec.name)?;
+            match (spec.kind, raw) {
+                (FieldKind::Numeric, serde_json::Value::Number(n)) => Ok(Value::Num(n.as_f64().unwrap_or(f64::NAN))),
+                (FieldKind::Numeric, serde_json::Value::Null) => Ok(Value::Num(f64::NAN)),
+                (FieldKind::Numeric, serde_json::Value::String(s)) => numeric(&spec.name, s).map(Value::Num),
+                (FieldKind::Numeric, other) => {
+                    Err(ParseError::NotANumber { field: spec.name.clone(), value: other.to_string() })
+                }
+                (FieldKind::Categorical, other) => Ok(Value::Text(json_text(other).unwrap_or_default().trim().to_string())),
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(RawRecord { series, ts, values })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> FieldMap {
+        FieldMap {
+            timestamp: Some(("ts".into(), TimeFormat::UnixSecs)),
+            series: vec!["host".into()],
+            fields: vec![
+                FieldSpec { name: "cpu".into(), kind: FieldKind::Numeric },
+                FieldSpec { name: "proto".into(), kind: FieldKind::Categorical },
+            ],
+        }
+    }
+
+    #[test]
+    fn csv_maps_columns_by_header_and_keeps_missing_values_as_nan() {
+        let header = CsvParser::header("ts;proto;host;cpu\n", ';');
+        let p = CsvParser::new(map(), &header, ';').unwrap();
+        let r = p.parse("5;\" tcp\";a;\n", "x").unwrap();
+        assert_eq!((r.series.as_str(), r.ts), ("a", Some(5.0)));
+        assert!(matches!(r.values[0], Value::Num(v) if v.is_nan()));
+        assert_eq!(r.values[1], Value::Text("tcp".into()));
+        assert_eq!(p.parse("5;tcp;a;abc", "x").unwrap_err().reason(), "wrong_type");
+        assert_eq!(p.parse("5;tcp;a", "x").unwrap_err().reason(), "missing_field");
+        assert_eq!(p.parse("yesterday;tcp;a;1", "x").unwrap_err().reason(), "bad_timestamp");
+        assert!(CsvParser::new(map(), &["ts".to_string()], ';').is_err());
+    }
+
+    #[test]
+    fn ndjson_accepts_numbers_strings_and_null_and_names_bad_fields() {
+        let m = map();
+        let r = parse_ndjson(&m, r#"{"ts": 7, "host": "h", "cpu": "inf", "proto": 6}"#, "x").unwrap();
+        assert!(matches!(r.values[0], Value::Num(v) if v.is_infinite()));
+        assert_eq!(r.values[1], Value::Text("6".into()));
+        let e = parse_ndjson(&m, r#"{"ts": 7, "host": "h", "cpu": true, "proto": 6}"#, "x").unwrap_err();
+        assert_eq!(e.to_string(), "field `cpu`: not a number: \"true\"");
+        assert_eq!(parse_ndjson(&m, "[1]", "x").unwrap_err(), ParseError::NotObject);
+        assert_eq!(parse_ndjson(&m, "{", "x").unwrap_err().reason(), "malformed");
+        assert_eq!(parse_ndjson(&m, r#"{"ts": 7}"#, "x").unwrap_err(), ParseError::MissingField("host".into()));
+    }
+
+    #[test]
+    fn timestamps_in_each_format() {
+        assert_eq!(TimeFormat::parse("unix_ms").seconds("1500"), Some(1.5));
+        assert_eq!(TimeFormat::Auto.seconds("2020-03-09T10:14:33Z"), Some(1583748873.0));
+        assert_eq!(TimeFormat::Auto.seconds("2020-03-09 10:14:33"), Some(1583748873.0));
+        assert_eq!(TimeFormat::parse("%Y-%m-%d %H:%M:%S").seconds("2020-03-09 10:14:33"), Some(1583748873.0));
+        assert_eq!(TimeFormat::parse("%Y-%m-%d %H:%M:%S").seconds("2020-03-09"), None);
+    }
+}

@@ -1,0 +1,230 @@
+//! Per-series windows, exactly per docs/model-contract.md §2.
+//!
+//! Each series moves through this state machine, one record at a time:
+//!
+//! ```text
+//!            record (in order, values resolved)          W-th row of the segment
+//!   (new) ─────────────────────────────────▶ Warming ───────────────────────────▶ Full
+//!                                               ▲                                   │ every S rows: emit
+//!                                               └──── gap > max_gap_secs ───────────┘
+//! ```
+//!
+//! A record is dropped (and the caller counts it) when its event time is not after the last one
+//! seen for its series (`out_of_order`), or when a numeric value is missing / NaN / ±inf and the
+//! NaN policy cannot resolve it (`nan`). The order check uses every record that passed it, the gap
+//! check only rows that were kept — the trainer drops duplicate timestamps before the NaN policy,
+//! and cuts segments after it.
+
+use std::collections::HashMap;
+
+use crate::model::NanPolicy;
+use crate::preprocess::Preprocessor;
+use crate::record::{RawRecord, Value};
+
+#[derive(Debug, Clone, Copy)]
+pub struct WindowSpec {
+    /// W
+    pub length: usize,
+    /// S: a window is emitted after every S-th row once the segment holds W rows.
+    pub stride: usize,
+    /// 0 = never split.
+    pub max_gap_secs: f64,
+    pub nan_policy: NanPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    OutOfOrder,
+    Nan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// The record's row is in; no window this time (warming up, or between strides).
+    Buffered,
+    /// A window ending at this record was appended to the output buffer.
+    Window { end_ts: f64 },
+    Dropped(Dropped),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pushed {
+    pub outcome: Outcome,
+    /// A categorical value unseen in training (the row is kept with that field's one-hot all 0).
+    pub unknown_category: bool,
+}
+
+struct Series {
+    /// Ring of the last W scaled rows; `next` is where the next row goes.
+    ring: Vec<f32>,
+    next: usize,
+    /// Rows in the current segment (saturates meaningfully only up to the stride arithmetic).
+    rows_in_segment: u64,
+    last_seen_ts: f64,
+    last_kept_ts: f64,
+    /// Sequence number for inputs without event time.
+    seq: u64,
+    /// Last finite value of each numeric field, for `ffill`.
+    last_valid: Vec<f64>,
+}
+
+pub struct Windower {
+    spec: WindowSpec,
+    pre: Preprocessor,
+    series: HashMap<String, Series>,
+    row: Vec<f32>,
+    values: Vec<Value>,
+}
+
+impl Windower {
+    pub fn new(spec: WindowSpec, pre: Preprocessor) -> Windower {
+        let width = pre.width();
+        Windower { spec, pre, series: HashMap::new(), row: vec![0.0; width], values: Vec::new() }
+    }
+
+    pub fn live_series(&self) -> usize {
+        self.series.len()
+    }
+
+    /// Feeds one record; when it completes a window, appends `W × F` f32 (oldest row first) to `out`.
+    pub fn push(&mut self, record: &RawRecord, out: &mut Vec<f32>) -> Pushed {
+        let (w, f) = (self.spec.length, self.pre.width());
+        let n_fields = self.pre.fields().len();
+        let state = self.series.entry(record.series.clone()).or_insert_with(|| Series {
+            ring: vec![0.0; w * f],
+            next: 0,
+            rows_in_segment: 0,
+            last_seen_ts: f64::NEG_INFINITY,
+            last_kept_ts: f64::NEG_INFINITY,
+            seq: 0,
+            last_valid: vec![f64::NAN; n_fields],
+        });
+        let ts = record.ts.unwrap_or_else(|| {
+            state.seq += 1;
+            (state.seq - 1) as f64
+        });
+        let dropped = |d| Pushed { outcome: Outcome::Dropped(d), unknown_category: false };
+        if ts <= state.last_seen_ts {
+            return dropped(Dropped::OutOfOrder);
+        }
+        state.last_seen_ts = ts;
+
+        // NaN policy on the raw numeric values (contract §1). Finite values are remembered first:
+        // the trainer forward-fills column by column, so a row dropped for one field still feeds
+        // later fills of its other fields.
+        for (i, v) in record.values.iter().enumerate() {
+            if let Value::Num(x) = v {
+                if x.is_finite() {
+                    state.last_valid[i] = *x;
+                }
+            }
+        }
+        self.values.clear();
+        for (i, v) in record.values.iter().enumerate() {
+            match v {
+                Value::Num(x) if !x.is_finite() => match self.spec.nan_policy {
+                    NanPolicy::Ffill if state.last_valid[i].is_finite() => self.values.push(Value::Num(state.last_valid[i])),
+                    _ => return dropped(Dropped::Nan),
+                },
+                _ => self.values.push(v.clone()),
+            }
+        }
+
+        if self.spec.max_gap_secs > 0.0 && ts - state.last_kept_ts > self.spec.max_gap_secs {
+            state.rows_in_segment = 0;
+        }
+        state.last_kept_ts = ts;
+
+        let unknown_category = self.pre.row(&self.values, &mut self.row);
+        state.ring[state.next * f..(state.next + 1) * f].copy_from_slice(&self.row);
+        state.next = (state.next + 1) % w;
+        state.rows_in_segment += 1;
+
+        let n = state.rows_in_segment;
+        let (w64, s64) = (w as u64, self.spec.stride as u64);
+        if n < w64 || (n - w64) % s64 != 0 {
+            return Pushed { outcome: Outcome::Buffered, unknown_category };
+        }
+        // Oldest row first: the ring from `next` to the end, then from the start to `next`.
+        out.extend_from_slice(&state.ring[state.next * f..]);
+        out.extend_from_slice(&state.ring[..state.next * f]);
+        Pushed { outcome: Outcome::Window { end_ts: ts }, unknown_category }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ColumnMeta, Transform};
+
+    fn windower(length: usize, stride: usize, gap: f64, nan_policy: NanPolicy) -> Windower {
+        let col = ColumnMeta {
+            name: "x".into(),
+            source: "x".into(),
+            transform: Transform::None,
+            category: None,
+            mean: 0.0,
+            std: 1.0,
+        };
+        Windower::new(WindowSpec { length, stride, max_gap_secs: gap, nan_policy }, Preprocessor::from_columns(&[col]))
+    }
+
+    fn rec(series: &str, ts: f64, x: f64) -> RawRecord {
+        RawRecord { series: series.into(), ts: Some(ts), values: vec![Value::Num(x)] }
+    }
+
+    #[test]
+    fn emits_after_w_rows_then_every_stride_oldest_first() {
+        let mut w = windower(3, 2, 0.0, NanPolicy::Error);
+        let mut out = Vec::new();
+        let ends: Vec<_> = (0..8)
+            .filter_map(|i| match w.push(&rec("a", i as f64, i as f64), &mut out).outcome {
+                Outcome::Window { end_ts } => Some(end_ts),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends, [2.0, 4.0, 6.0]);
+        assert_eq!(out, [0.0, 1.0, 2.0, 2.0, 3.0, 4.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn gaps_restart_the_segment_and_series_are_independent() {
+        let mut w = windower(2, 1, 5.0, NanPolicy::Error);
+        let mut out = Vec::new();
+        let mut outcomes = Vec::new();
+        for (s, ts) in [("a", 0.0), ("b", 0.0), ("a", 1.0), ("a", 10.0), ("a", 11.0), ("b", 1.0)] {
+            outcomes.push(w.push(&rec(s, ts, ts), &mut out).outcome);
+        }
+        let windows: Vec<bool> = outcomes.iter().map(|o| matches!(o, Outcome::Window { .. })).collect();
+        assert_eq!(windows, [false, false, true, false, true, true]);
+        assert_eq!(w.live_series(), 2);
+    }
+
+    #[test]
+    fn out_of_order_and_nan_records_are_dropped_by_policy() {
+        let mut w = windower(1, 1, 0.0, NanPolicy::Ffill);
+        let mut out = Vec::new();
+        assert_eq!(w.push(&rec("a", 1.0, f64::NAN), &mut out).outcome, Outcome::Dropped(Dropped::Nan));
+        assert!(matches!(w.push(&rec("a", 2.0, 4.0), &mut out).outcome, Outcome::Window { .. }));
+        assert_eq!(w.push(&rec("a", 2.0, 5.0), &mut out).outcome, Outcome::Dropped(Dropped::OutOfOrder));
+        assert!(matches!(w.push(&rec("a", 3.0, f64::INFINITY), &mut out).outcome, Outcome::Window { .. }));
+        assert_eq!(out, [4.0, 4.0]);
+        let mut strict = windower(1, 1, 0.0, NanPolicy::Drop);
+        assert_eq!(strict.push(&rec("a", 1.0, f64::NAN), &mut out).outcome, Outcome::Dropped(Dropped::Nan));
+    }
+
+    #[test]
+    fn a_row_dropped_for_one_field_still_fills_the_others_like_pandas_ffill() {
+        let cols: Vec<ColumnMeta> = ["x", "y"]
+            .iter()
+            .map(|n| ColumnMeta { name: (*n).into(), source: (*n).into(), transform: Transform::None, category: None, mean: 0.0, std: 1.0 })
+            .collect();
+        let spec = WindowSpec { length: 1, stride: 1, max_gap_secs: 0.0, nan_policy: NanPolicy::Ffill };
+        let mut w = Windower::new(spec, Preprocessor::from_columns(&cols));
+        let r = |ts: f64, x: f64, y: f64| RawRecord { series: "a".into(), ts: Some(ts), values: vec![Value::Num(x), Value::Num(y)] };
+        let mut out = Vec::new();
+        assert_eq!(w.push(&r(1.0, f64::NAN, 7.0), &mut out).outcome, Outcome::Dropped(Dropped::Nan));
+        assert!(matches!(w.push(&r(2.0, 1.0, f64::NAN), &mut out).outcome, Outcome::Window { .. }));
+        assert_eq!(out, [1.0, 7.0]);
+    }
+}

@@ -1,0 +1,81 @@
+//! `anomalyd score` end to end: real bundle, real ONNX Runtime, files in and out.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("anomalyd-score-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn score(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_anomalyd")).arg("score").arg("--quiet").args(args).output().unwrap()
+}
+
+#[test]
+fn scores_every_window_of_the_golden_records_like_the_trainer() {
+    let out = tmp("skab.csv");
+    let records = repo().join("contracts/skab-convae/records.csv");
+    let run = score(&["--model", "models/skab-convae", "--input", records.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("contracts/skab-convae/golden.json")).unwrap()).unwrap();
+    let text = std::fs::read_to_string(&out).unwrap();
+    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len() as u64, golden["windows_total"].as_u64().unwrap());
+    for g in golden["windows"].as_array().unwrap() {
+        let row = &rows[g["index"].as_u64().unwrap() as usize];
+        let anomaly: f64 = row[3].parse().unwrap();
+        let expected = g["anomaly_score"].as_f64().unwrap();
+        assert!((anomaly - expected).abs() <= 1e-5 * expected.abs().max(1.0), "{row:?} vs {expected}");
+    }
+    // The level shift in Current and Pressure is what the alerting windows blame.
+    let alerting: Vec<&Vec<&str>> = rows.iter().filter(|r| r[3].parse::<f64>().unwrap() > 1.0).collect();
+    assert!(!alerting.is_empty());
+    assert!(alerting.iter().all(|r| r[4].starts_with("Current") || r[4].starts_with("Pressure")), "{alerting:?}");
+    // 200 records: one repeated timestamp dropped, reported on stderr.
+    assert!(String::from_utf8_lossy(&run.stderr).contains("out_of_order"));
+}
+
+#[test]
+fn bad_lines_are_counted_by_reason_and_skipped() {
+    let input = tmp("bad.ndjson");
+    let model = repo().join("models/flows-vae");
+    let features: Vec<String> = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(model.join("model.json")).unwrap())
+        .unwrap()["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let good = |ts: u32| {
+        let fields: Vec<String> = features.iter().map(|f| format!("\"{f}\": 1.0")).collect();
+        format!("{{\"host\": \"h\", \"bucket_start\": {ts}, {}}}", fields.join(", "))
+    };
+    let lines = [good(60), "{not json".into(), "[]".into(), good(120).replace("\"flows\": 1.0", "\"flows\": \"many\""),
+        good(120).replace("\"bytes\": 1.0, ", ""), "x".repeat(2 << 20), good(180)];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    // Flow feature rows keyed by host and bucket_start, given directly as NDJSON (the daemon's own
+    // goflow2 aggregation comes with the Kafka flow path).
+    let run = score(&["--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output-format", "ndjson"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    for reason in ["\"malformed\": 2", "\"wrong_type\": 1", "\"missing_field\": 1", "\"too_long\": 1"] {
+        assert!(stderr.contains(reason), "{reason} not in {stderr}");
+    }
+}
+
+#[test]
+fn a_missing_library_is_a_clear_start_up_error() {
+    let run = score(&["--model", "models/skab-convae", "--input", "contracts/skab-convae/records.csv", "--onnxruntime", "/nonexistent/libonnxruntime.so.1.32.0"]);
+    assert_eq!(run.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("ONNX Runtime 1.32.0 not found") && stderr.contains("/nonexistent/"), "{stderr}");
+}
