@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::model::{Model, Scorer};
 use crate::preprocess::Preprocessor;
 use crate::record::{parse_ndjson, CsvParser, FieldMap, TimeFormat};
-use crate::window::{Dropped, Outcome, WindowSpec, Windower};
+use crate::window::{Outcome, WindowSpec, Windower};
 
 /// Windows per ONNX Runtime call.
 const BATCH: usize = 256;
@@ -213,9 +213,8 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
             }
         };
         match windower.push(&record, &mut batch).outcome {
-            Outcome::Window { end_ts } => pending.push((record.series.clone(), end_ts)),
-            Outcome::Dropped(Dropped::OutOfOrder) => *skipped.entry("out_of_order").or_default() += 1,
-            Outcome::Dropped(Dropped::Nan) => *skipped.entry("nan").or_default() += 1,
+            Outcome::Window { end_ts, .. } => pending.push((record.series.clone(), end_ts)),
+            Outcome::Dropped(reason) => *skipped.entry(reason.reason()).or_default() += 1,
             Outcome::Buffered => {}
         }
         if pending.len() == BATCH {

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`alert`]: per-series alert policy (N of M to fire, K clean to resolve, cooldown), hot-swappable
 //! - [`backtest`]: `anomalyd score`, offline scoring of a file
 //! - [`model`]: bundles (`model.json` + `model.onnx`), validation, one ONNX Runtime session per worker
 //! - [`onnxruntime`]: finding and loading the ONNX Runtime shared library
@@ -12,9 +13,15 @@
 //! The contract these modules implement is docs/model-contract.md; `tests/golden.rs` proves the
 //! windows and scores match the trainer's golden vectors.
 
+pub mod admin;
+pub mod alert;
+pub mod app;
 pub mod backtest;
+pub mod config;
 pub mod model;
 pub mod onnxruntime;
 pub mod preprocess;
 pub mod record;
+pub mod signal;
+pub mod telemetry;
 pub mod window;

@@ -36,6 +36,19 @@ pub struct WindowSpec {
 pub enum Dropped {
     OutOfOrder,
     Nan,
+    /// A new series while `max_series` are live: refused rather than evicting a live one.
+    SeriesLimit,
+}
+
+impl Dropped {
+    /// Metric label value.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Dropped::OutOfOrder => "out_of_order",
+            Dropped::Nan => "nan",
+            Dropped::SeriesLimit => "series_limit",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,7 +56,7 @@ pub enum Outcome {
     /// The record's row is in; no window this time (warming up, or between strides).
     Buffered,
     /// A window ending at this record was appended to the output buffer.
-    Window { end_ts: f64 },
+    Window { start_ts: f64, end_ts: f64 },
     Dropped(Dropped),
 }
 
@@ -55,8 +68,9 @@ pub struct Pushed {
 }
 
 struct Series {
-    /// Ring of the last W scaled rows; `next` is where the next row goes.
+    /// Ring of the last W scaled rows and their event times; `next` is where the next row goes.
     ring: Vec<f32>,
+    times: Vec<f64>,
     next: usize,
     /// Rows in the current segment (saturates meaningfully only up to the stride arithmetic).
     rows_in_segment: u64,
@@ -71,27 +85,66 @@ struct Series {
 pub struct Windower {
     spec: WindowSpec,
     pre: Preprocessor,
+    max_series: usize,
     series: HashMap<String, Series>,
+    /// Live series that have not completed their first window yet.
+    warming: usize,
     row: Vec<f32>,
     values: Vec<Value>,
 }
 
 impl Windower {
     pub fn new(spec: WindowSpec, pre: Preprocessor) -> Windower {
+        Self::with_max_series(spec, pre, usize::MAX)
+    }
+
+    pub fn with_max_series(spec: WindowSpec, pre: Preprocessor, max_series: usize) -> Windower {
         let width = pre.width();
-        Windower { spec, pre, series: HashMap::new(), row: vec![0.0; width], values: Vec::new() }
+        Windower { spec, pre, max_series, series: HashMap::new(), warming: 0, row: vec![0.0; width], values: Vec::new() }
     }
 
     pub fn live_series(&self) -> usize {
         self.series.len()
     }
 
+    pub fn warming_series(&self) -> usize {
+        self.warming
+    }
+
+    /// Bytes the window rings hold (what the series cap bounds).
+    pub fn window_bytes(&self) -> usize {
+        self.series.len() * self.spec.length * (self.pre.width() * 4 + 8)
+    }
+
+    /// Drops series whose last record is older than `now_ts - idle_secs`; returns their names.
+    pub fn evict_idle(&mut self, now_ts: f64, idle_secs: f64) -> Vec<String> {
+        let w = self.spec.length as u64;
+        let mut gone = Vec::new();
+        self.series.retain(|name, s| {
+            let keep = s.last_seen_ts >= now_ts - idle_secs;
+            if !keep {
+                gone.push(name.clone());
+            }
+            keep
+        });
+        // Recount rather than track per eviction: eviction is rare and the count must stay exact.
+        self.warming = self.series.values().filter(|s| s.rows_in_segment < w).count();
+        gone
+    }
+
     /// Feeds one record; when it completes a window, appends `W × F` f32 (oldest row first) to `out`.
     pub fn push(&mut self, record: &RawRecord, out: &mut Vec<f32>) -> Pushed {
         let (w, f) = (self.spec.length, self.pre.width());
         let n_fields = self.pre.fields().len();
+        if !self.series.contains_key(&record.series) {
+            if self.series.len() >= self.max_series {
+                return Pushed { outcome: Outcome::Dropped(Dropped::SeriesLimit), unknown_category: false };
+            }
+            self.warming += 1;
+        }
         let state = self.series.entry(record.series.clone()).or_insert_with(|| Series {
             ring: vec![0.0; w * f],
+            times: vec![0.0; w],
             next: 0,
             rows_in_segment: 0,
             last_seen_ts: f64::NEG_INFINITY,
@@ -131,14 +184,21 @@ impl Windower {
         }
 
         if self.spec.max_gap_secs > 0.0 && ts - state.last_kept_ts > self.spec.max_gap_secs {
+            if state.rows_in_segment >= w as u64 {
+                self.warming += 1;
+            }
             state.rows_in_segment = 0;
         }
         state.last_kept_ts = ts;
 
         let unknown_category = self.pre.row(&self.values, &mut self.row);
         state.ring[state.next * f..(state.next + 1) * f].copy_from_slice(&self.row);
+        state.times[state.next] = ts;
         state.next = (state.next + 1) % w;
         state.rows_in_segment += 1;
+        if state.rows_in_segment == w as u64 {
+            self.warming -= 1;
+        }
 
         let n = state.rows_in_segment;
         let (w64, s64) = (w as u64, self.spec.stride as u64);
@@ -148,7 +208,7 @@ impl Windower {
         // Oldest row first: the ring from `next` to the end, then from the start to `next`.
         out.extend_from_slice(&state.ring[state.next * f..]);
         out.extend_from_slice(&state.ring[..state.next * f]);
-        Pushed { outcome: Outcome::Window { end_ts: ts }, unknown_category }
+        Pushed { outcome: Outcome::Window { start_ts: state.times[state.next], end_ts: ts }, unknown_category }
     }
 }
 
@@ -179,11 +239,11 @@ mod tests {
         let mut out = Vec::new();
         let ends: Vec<_> = (0..8)
             .filter_map(|i| match w.push(&rec("a", i as f64, i as f64), &mut out).outcome {
-                Outcome::Window { end_ts } => Some(end_ts),
+                Outcome::Window { start_ts, end_ts } => Some((start_ts, end_ts)),
                 _ => None,
             })
             .collect();
-        assert_eq!(ends, [2.0, 4.0, 6.0]);
+        assert_eq!(ends, [(0.0, 2.0), (2.0, 4.0), (4.0, 6.0)]);
         assert_eq!(out, [0.0, 1.0, 2.0, 2.0, 3.0, 4.0, 4.0, 5.0, 6.0]);
     }
 
@@ -198,6 +258,25 @@ mod tests {
         let windows: Vec<bool> = outcomes.iter().map(|o| matches!(o, Outcome::Window { .. })).collect();
         assert_eq!(windows, [false, false, true, false, true, true]);
         assert_eq!(w.live_series(), 2);
+    }
+
+    #[test]
+    fn series_cap_refuses_new_series_and_idle_ones_are_evicted() {
+        let mut w = Windower::with_max_series(
+            WindowSpec { length: 2, stride: 1, max_gap_secs: 0.0, nan_policy: NanPolicy::Error },
+            windower(1, 1, 0.0, NanPolicy::Error).pre.clone(),
+            2,
+        );
+        let mut out = Vec::new();
+        w.push(&rec("a", 0.0, 0.0), &mut out);
+        w.push(&rec("b", 50.0, 0.0), &mut out);
+        assert_eq!(w.push(&rec("c", 60.0, 0.0), &mut out).outcome, Outcome::Dropped(Dropped::SeriesLimit));
+        assert_eq!((w.live_series(), w.warming_series()), (2, 2));
+        w.push(&rec("b", 51.0, 0.0), &mut out);
+        assert_eq!(w.warming_series(), 1);
+        assert_eq!(w.evict_idle(60.0, 30.0), ["a"]);
+        assert_eq!((w.live_series(), w.warming_series()), (1, 0));
+        assert!(matches!(w.push(&rec("c", 61.0, 0.0), &mut out).outcome, Outcome::Buffered));
     }
 
     #[test]

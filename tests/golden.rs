@@ -63,7 +63,7 @@ fn window_records(model: &Model, golden: &Json) -> Ours {
             None => parse_ndjson(&map, line, &name),
         }
         .unwrap();
-        if let Outcome::Window { end_ts } = windower.push(&record, &mut ours.windows).outcome {
+        if let Outcome::Window { end_ts, .. } = windower.push(&record, &mut ours.windows).outcome {
             ours.meta.push((record.series.clone(), end_ts));
         }
     }

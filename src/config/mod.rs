@@ -1,0 +1,366 @@
+//! Configuration: embedded defaults (config/anomalyd.toml) → the `--config` file → environment
+//! variables `ANOMALYD__SECTION__KEY`. Unknown keys are errors, every error names the key, and
+//! [`Config::validate`] runs the cross-field checks before any I/O.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::alert::{Direction, Policy};
+
+/// The reference file is also the embedded default, so the two cannot drift apart.
+pub const DEFAULT_TOML: &str = include_str!("../../config/anomalyd.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{source_name}: {message}")]
+    Load { source_name: String, message: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub source: SourceConfig,
+    pub mapping: MappingConfig,
+    pub windows: WindowsConfig,
+    pub scoring: ScoringConfig,
+    pub alerting: Policy,
+    #[serde(default)]
+    pub alert_overrides: Vec<AlertOverride>,
+    pub alerts: AlertsConfig,
+    pub admin: AdminConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model bundle folder.
+    pub path: PathBuf,
+    /// Raw-score threshold for anomaly_score 1.0; 0 = the bundle's.
+    pub threshold: f64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    File,
+    Stdin,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordFormat {
+    Csv,
+    Ndjson,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    pub path: PathBuf,
+    pub format: RecordFormat,
+    pub csv_delimiter: String,
+    pub csv_columns: Vec<String>,
+    /// Records per second for replays; 0 = unthrottled.
+    pub replay_rate_per_sec: f64,
+    pub series_name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    pub timestamp_field: String,
+    pub timestamp_format: String,
+    pub series_fields: Vec<String>,
+    /// Model source field → record field.
+    pub fields: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WindowsConfig {
+    pub stride: usize,
+    pub max_series: usize,
+    pub idle_timeout_secs: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScoringConfig {
+    pub workers: usize,
+    pub batch_max_windows: usize,
+    pub batch_max_wait_ms: u64,
+    pub onnxruntime_library: String,
+}
+
+impl ScoringConfig {
+    pub fn batch_max_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_max_wait_ms)
+    }
+}
+
+/// Replaces the keys it sets for series whose key matches `series` (glob: `*`, `?`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertOverride {
+    pub series: String,
+    pub min_anomaly_score: Option<f64>,
+    pub direction: Option<Direction>,
+    pub min_deviation: Option<f64>,
+    pub fire_hits: Option<u32>,
+    pub fire_windows: Option<u32>,
+    pub resolve_after: Option<u32>,
+    pub cooldown_secs: Option<f64>,
+}
+
+/// The alert policy in force for each series: `[alerting]`, then the first matching
+/// `[[alert_overrides]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRules {
+    pub base: Policy,
+    pub overrides: Vec<AlertOverride>,
+}
+
+impl AlertRules {
+    pub fn policy_for(&self, series: &str) -> Policy {
+        let mut p = self.base.clone();
+        if let Some(o) = self.overrides.iter().find(|o| glob_match(&o.series, series)) {
+            o.apply(&mut p);
+        }
+        p
+    }
+}
+
+impl AlertOverride {
+    fn apply(&self, p: &mut Policy) {
+        if let Some(v) = self.min_anomaly_score {
+            p.min_anomaly_score = v;
+        }
+        if let Some(v) = self.direction {
+            p.direction = v;
+        }
+        if let Some(v) = self.min_deviation {
+            p.min_deviation = v;
+        }
+        if let Some(v) = self.fire_hits {
+            p.fire_hits = v;
+        }
+        if let Some(v) = self.fire_windows {
+            p.fire_windows = v;
+        }
+        if let Some(v) = self.resolve_after {
+            p.resolve_after = v;
+        }
+        if let Some(v) = self.cooldown_secs {
+            p.cooldown_secs = v;
+        }
+    }
+}
+
+/// `*` matches any run of characters, `?` any one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Stdout,
+    File,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    pub sink: SinkKind,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub max_series_metrics: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    pub drain_timeout_ms: u64,
+}
+
+impl ShutdownConfig {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+impl Config {
+    pub fn alert_rules(&self) -> AlertRules {
+        AlertRules { base: self.alerting.clone(), overrides: self.alert_overrides.clone() }
+    }
+
+    /// Defaults ← file ← environment (`ANOMALYD__SECTION__KEY`), then [`Config::validate`].
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given (tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+        let mut name = "defaults".to_string();
+        if let Some(path) = file {
+            name = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Load { source_name: name.clone(), message: format!("cannot read: {e}") })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        let env: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("ANOMALYD__")).collect();
+        if !env.is_empty() {
+            name = format!("{name} + environment");
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("ANOMALYD")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("mapping.series_fields")
+                .with_list_parse_key("source.csv_columns")
+                .source(Some(env)),
+        );
+        let load = |e: config::ConfigError| ConfigError::Load { source_name: name.clone(), message: e.to_string() };
+        let cfg: Config = builder.build().map_err(load)?.try_deserialize().map_err(load)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.model.path.as_os_str().is_empty() {
+            return Err(invalid("model.path", "is empty"));
+        }
+        if !(self.model.threshold.is_finite() && self.model.threshold >= 0.0) {
+            return Err(invalid("model.threshold", "must be a number >= 0 (0 = the bundle's)"));
+        }
+        if self.source.kind == SourceKind::File && self.source.path.as_os_str().is_empty() {
+            return Err(invalid("source.path", "is empty but source.kind is \"file\""));
+        }
+        if self.source.csv_delimiter.chars().count() != 1 {
+            return Err(invalid("source.csv_delimiter", "must be exactly one character"));
+        }
+        if !(self.source.replay_rate_per_sec.is_finite() && self.source.replay_rate_per_sec >= 0.0) {
+            return Err(invalid("source.replay_rate_per_sec", "must be >= 0"));
+        }
+        if self.windows.stride == 0 {
+            return Err(invalid("windows.stride", "must be >= 1"));
+        }
+        if self.windows.max_series == 0 {
+            return Err(invalid("windows.max_series", "must be >= 1"));
+        }
+        if !(self.windows.idle_timeout_secs.is_finite() && self.windows.idle_timeout_secs > 0.0) {
+            return Err(invalid("windows.idle_timeout_secs", "must be > 0"));
+        }
+        if self.scoring.workers == 0 || self.scoring.workers > 64 {
+            return Err(invalid("scoring.workers", "must be between 1 and 64"));
+        }
+        if self.scoring.batch_max_windows == 0 {
+            return Err(invalid("scoring.batch_max_windows", "must be >= 1"));
+        }
+        self.alerting.validate().map_err(|e| invalid("alerting", e))?;
+        for (i, o) in self.alert_overrides.iter().enumerate() {
+            let mut p = self.alerting.clone();
+            o.apply(&mut p);
+            p.validate().map_err(|e| invalid(&format!("alert_overrides[{i}] (series = {:?})", o.series), e))?;
+        }
+        if self.alerts.sink == SinkKind::File && self.alerts.path.as_os_str().is_empty() {
+            return Err(invalid("alerts.path", "is empty but alerts.sink is \"file\""));
+        }
+        if self.shutdown.drain_timeout_ms == 0 {
+            return Err(invalid("shutdown.drain_timeout_ms", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let path = std::env::temp_dir().join(format!("anomalyd-cfg-{}-{}.toml", std::process::id(), toml.len()));
+        std::fs::write(&path, toml).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let out = Config::load_with_env(Some(&path), env);
+        let _ = std::fs::remove_file(path);
+        out
+    }
+
+    #[test]
+    fn embedded_default_deserialises_and_validates() {
+        let cfg = Config::load_with_env(None, []).unwrap();
+        assert_eq!(cfg.scoring.workers, 2);
+        assert_eq!(cfg.alerting, Policy::default());
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let cfg = load("[scoring]\nworkers = 3\n[mapping]\nseries_fields = [\"host\"]\n", &[("ANOMALYD__SCORING__WORKERS", "4")]).unwrap();
+        assert_eq!(cfg.scoring.workers, 4);
+        assert_eq!(cfg.mapping.series_fields, ["host"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let e = load("[scoring]\nworkerz = 3\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("workerz"), "{e}");
+        let e = load("[scoring]\nworkers = \"many\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("workers"), "{e}");
+        let e = load("[alerting]\nfire_hits = 5\nfire_windows = 3\n", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("alerting:") && e.contains("fire_hits"), "{e}");
+        let e = load("[[alert_overrides]]\nseries = \"db-*\"\nresolve_after = 0\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("alert_overrides[0]"), "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_to_matching_series_only() {
+        let cfg = load("[[alert_overrides]]\nseries = \"db-*/eth?\"\nmin_anomaly_score = 2.5\n", &[]).unwrap();
+        assert_eq!(cfg.alert_rules().policy_for("db-1/eth0").min_anomaly_score, 2.5);
+        assert_eq!(cfg.alert_rules().policy_for("web-1/eth0").min_anomaly_score, 1.0);
+        assert!(glob_match("*", "") && glob_match("a*c", "abbc") && !glob_match("a?c", "abbc"));
+    }
+}

@@ -1,0 +1,200 @@
+//! The only place metric names and label values exist (`anomalyd_<name>_<unit>[_total]`).
+//!
+//! Self-monitoring metrics carry no series labels. The product metrics — per-series
+//! `anomalyd_anomaly_score` and `anomalyd_alert_firing` — carry `series`, for at most
+//! `admin.max_series_metrics` series; windows of further series are counted in
+//! `anomalyd_series_metrics_dropped_total` instead of growing the scrape without bound.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub records_received: IntCounter,
+    pub records_discarded: IntCounterVec,
+    pub windows_scored: IntCounter,
+    pub anomalous_windows: IntCounter,
+    pub alerts: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub inference_duration: Histogram,
+    pub inference_batch: Histogram,
+    pub event_to_score: Histogram,
+    pub series_live: IntGauge,
+    pub series_warming: IntGauge,
+    pub series_evicted: IntCounter,
+    pub window_bytes: IntGauge,
+    pub anomaly_score: GaugeVec,
+    pub alert_firing: IntGaugeVec,
+    pub series_metrics_dropped: IntCounter,
+    pub model_info: IntGaugeVec,
+    pub model_threshold: Gauge,
+    pub model_loaded: Gauge,
+    pub ready: IntGauge,
+    /// Series that own per-series gauges (the cardinality cap).
+    exported: Mutex<HashSet<String>>,
+    max_series_metrics: usize,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("metric name is valid");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric name is valid");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("metric name is valid");
+    r.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric name is valid");
+    r.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    pub fn new(max_series_metrics: usize) -> Metrics {
+        let r = Registry::new();
+        let anomaly_score = GaugeVec::new(
+            Opts::new("anomalyd_anomaly_score", "Latest normalised anomaly score per series (1.0 = threshold)."),
+            &["series"],
+        )
+        .expect("metric name is valid");
+        r.register(Box::new(anomaly_score.clone())).expect("metric registered once");
+        let alert_firing = IntGaugeVec::new(
+            Opts::new("anomalyd_alert_firing", "1 while an alert is firing for the series, else 0."),
+            &["series"],
+        )
+        .expect("metric name is valid");
+        r.register(Box::new(alert_firing.clone())).expect("metric registered once");
+        let model_info = IntGaugeVec::new(
+            Opts::new("anomalyd_model_info", "The loaded model bundle (value 1)."),
+            &["model", "kind", "score_kind", "sha256", "trainer_version"],
+        )
+        .expect("metric name is valid");
+        r.register(Box::new(model_info.clone())).expect("metric registered once");
+        let model_threshold = Gauge::new("anomalyd_model_threshold", "Raw score threshold in force (anomaly_score 1.0).")
+            .expect("metric name is valid");
+        r.register(Box::new(model_threshold.clone())).expect("metric registered once");
+        let model_loaded = Gauge::new("anomalyd_model_loaded_timestamp_seconds", "When the model in use was loaded.")
+            .expect("metric name is valid");
+        r.register(Box::new(model_loaded.clone())).expect("metric registered once");
+        let build = IntGaugeVec::new(Opts::new("anomalyd_build_info", "Build of this anomalyd (value 1)."), &["version"])
+            .expect("metric name is valid");
+        r.register(Box::new(build.clone())).expect("metric registered once");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let latency = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+        Metrics {
+            records_received: counter(&r, "anomalyd_records_received_total", "Records read from the source."),
+            records_discarded: counter_vec(
+                &r,
+                "anomalyd_records_discarded_total",
+                "Records skipped, by reason (malformed, wrong_type, missing_field, too_long, bad_timestamp, out_of_order, nan, series_limit).",
+                &["reason"],
+            ),
+            windows_scored: counter(&r, "anomalyd_windows_scored_total", "Windows scored by the model."),
+            anomalous_windows: counter(&r, "anomalyd_anomalous_windows_total", "Scored windows with anomaly_score > 1."),
+            alerts: counter_vec(&r, "anomalyd_alerts_total", "Alert events, by state (firing, resolved).", &["state"]),
+            errors: counter_vec(&r, "anomalyd_errors_total", "Errors, by stage and type.", &["stage", "error_type"]),
+            inference_duration: histogram(
+                &r,
+                "anomalyd_inference_duration_seconds",
+                "ONNX Runtime time per batch.",
+                latency.clone(),
+            ),
+            inference_batch: histogram(
+                &r,
+                "anomalyd_inference_batch_windows",
+                "Windows per inference batch.",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            ),
+            event_to_score: histogram(
+                &r,
+                "anomalyd_event_to_score_seconds",
+                "From a window's last event time to its score (wall clock).",
+                vec![0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0, 3600.0],
+            ),
+            series_live: gauge(&r, "anomalyd_series_live", "Series with window state."),
+            series_warming: gauge(&r, "anomalyd_series_warming", "Series still filling their first window."),
+            series_evicted: counter(&r, "anomalyd_series_evicted_total", "Series dropped after idle_timeout_secs."),
+            window_bytes: gauge(&r, "anomalyd_window_bytes", "Bytes held by window buffers."),
+            series_metrics_dropped: counter(
+                &r,
+                "anomalyd_series_metrics_dropped_total",
+                "Scored windows of series beyond admin.max_series_metrics (no per-series gauges).",
+            ),
+            ready: gauge(&r, "anomalyd_ready", "1 once config, model and source are up."),
+            anomaly_score,
+            alert_firing,
+            model_info,
+            model_threshold,
+            model_loaded,
+            exported: Mutex::new(HashSet::new()),
+            max_series_metrics,
+            registry: r,
+        }
+    }
+
+    /// Sets the per-series gauges if the series has (or can get) a slot under the cap.
+    pub fn series_score(&self, series: &str, anomaly_score: f64, firing: bool) {
+        let mut exported = self.exported.lock().expect("metrics lock is never poisoned: no panics while held");
+        if !exported.contains(series) {
+            if exported.len() >= self.max_series_metrics {
+                self.series_metrics_dropped.inc();
+                return;
+            }
+            exported.insert(series.to_string());
+        }
+        self.anomaly_score.with_label_values(&[series]).set(anomaly_score);
+        self.alert_firing.with_label_values(&[series]).set(firing as i64);
+    }
+
+    /// Removes an evicted series' gauges and frees its slot.
+    pub fn forget_series(&self, series: &str) {
+        let mut exported = self.exported.lock().expect("metrics lock is never poisoned: no panics while held");
+        if exported.remove(series) {
+            let _ = self.anomaly_score.remove_label_values(&[series]);
+            let _ = self.alert_firing.remove_label_values(&[series]);
+        }
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding of gathered metrics");
+        String::from_utf8(buf).expect("Prometheus text format is UTF-8")
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_series_gauges_stop_at_the_cap_and_free_slots_on_eviction() {
+        let m = Metrics::new(2);
+        m.series_score("a", 0.5, false);
+        m.series_score("b", 2.0, true);
+        m.series_score("c", 3.0, true);
+        let text = m.render();
+        assert!(text.contains("anomalyd_anomaly_score{series=\"b\"} 2"));
+        assert!(!text.contains("series=\"c\""));
+        assert!(text.contains("anomalyd_series_metrics_dropped_total 1"));
+        m.forget_series("a");
+        m.series_score("c", 3.0, true);
+        assert!(m.render().contains("anomalyd_alert_firing{series=\"c\"} 1"));
+    }
+}

@@ -1,0 +1,4 @@
+//! Self-observation: Prometheus metrics and log setup.
+
+pub mod logging;
+pub mod metrics;

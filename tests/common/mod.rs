@@ -1,0 +1,115 @@
+//! Starting the real `anomalyd` binary on loopback and talking to it.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("anomalyd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `config` (TOML; `{port}` and `{dir}` are substituted) and starts `anomalyd run`.
+    pub fn start(dir: &Path, config: &str) -> Daemon {
+        let port = free_port();
+        let text = config.replace("{port}", &port.to_string()).replace("{dir}", &dir.display().to_string());
+        let path = dir.join("anomalyd.toml");
+        std::fs::write(&path, text).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_anomalyd"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .current_dir(repo())
+            .env("ANOMALYD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::fs::File::create(dir.join("stdout")).unwrap()))
+            .stderr(Stdio::from(std::fs::File::create(dir.join("stderr")).unwrap()))
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, port, dir: dir.to_path_buf() };
+        d.wait_for(|d| d.get("/ready").map(|(code, _)| code == 200).unwrap_or(false), "ready");
+        d
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// (status code, body) of a GET on the admin port.
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((code, body))
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").expect("scrape /metrics").1
+    }
+
+    /// Value of one sample line, e.g. `metric(text, "anomalyd_windows_scored_total")`.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        metric(&self.metrics(), sample)
+    }
+
+    pub fn wait_for(&self, ok: impl Fn(&Daemon) -> bool, what: &str) {
+        let started = Instant::now();
+        while !ok(self) {
+            assert!(started.elapsed() < Duration::from_secs(30), "timed out waiting for {what}; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then the exit code (within 20 s).
+    pub fn stop(mut self) -> i32 {
+        self.signal("TERM");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "no exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}

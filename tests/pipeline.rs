@@ -1,0 +1,96 @@
+//! `anomalyd run` end to end on the file source: real bundle, real ONNX Runtime, alerts and
+//! /metrics scraped over HTTP.
+
+mod common;
+
+use common::{metric, repo, temp_dir, Daemon};
+
+const BASE: &str = r#"
+[model]
+path = "models/skab-convae"
+[source]
+kind = "file"
+path = "{records}"
+format = "csv"
+csv_delimiter = ";"
+[admin]
+listen = "127.0.0.1:{port}"
+[alerts]
+sink = "file"
+path = "{dir}/alerts.jsonl"
+"#;
+
+fn alerts(d: &Daemon) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(d.dir.join("alerts.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn sample_stream_anomaly_fires_and_resolves_and_metrics_say_so() {
+    let dir = temp_dir("pipeline");
+    let records = repo().join("contracts/skab-convae/records.csv");
+    let d = Daemon::start(&dir, &BASE.replace("{records}", records.to_str().unwrap()));
+    d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "all 138 windows scored");
+    let m = d.metrics();
+    assert_eq!(metric(&m, "anomalyd_records_received_total"), Some(201.0));
+    assert_eq!(metric(&m, "anomalyd_records_discarded_total{reason=\"out_of_order\"}"), Some(1.0));
+    assert_eq!(metric(&m, "anomalyd_alerts_total{state=\"firing\"}"), Some(1.0));
+    assert_eq!(metric(&m, "anomalyd_series_live"), Some(1.0));
+    assert!(metric(&m, "anomalyd_anomaly_score{series=\"records.csv\"}").is_some());
+    assert!(m.contains("anomalyd_model_info{kind=\"convae\",model=\"skab-convae\""));
+
+    // The records shift Current and Pressure from their 131st row (2026-01-05 10:02:41 UTC, after
+    // a 30 s gap at row 71) for 30 rows; the alert must start inside that stretch and blame them.
+    let events = alerts(&d);
+    let fired = events.iter().find(|e| e["event"] == "firing").expect("a firing event");
+    let shift_start = 1767607361.0;
+    let started = fired["started_ts"].as_f64().unwrap();
+    assert!((shift_start..shift_start + 30.0).contains(&started), "fired at {started}");
+    let top = fired["top_features"][0]["name"].as_str().unwrap();
+    assert!(top == "Current" || top == "Pressure", "{fired}");
+    assert!(events.iter().any(|e| e["event"] == "resolved"));
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn bad_records_are_counted_by_reason_and_never_stop_the_stream() {
+    let dir = temp_dir("badinput");
+    let good = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let mut lines: Vec<String> = good.lines().map(String::from).collect();
+    let header = lines.remove(0);
+    let mut input = vec![header];
+    for (i, line) in lines.iter().enumerate() {
+        // Unparseable lines come in addition to the good ones; the NaN record replaces one (a
+        // dropped record still takes its timestamp, so a copy would make its twin out of order).
+        match i {
+            10 => input.push("garbage".into()),
+            30 => input.push(line.rsplit_once(';').map(|(a, _)| format!("{a};not-a-number")).unwrap()),
+            50 => input.push(format!("{};{}", line, "x".repeat(2 << 20))),
+            60 => input.push(line.replacen("2026-", "yesterday-", 1)),
+            _ => {}
+        }
+        if i == 40 {
+            input.push(line.rsplit_once(';').map(|(a, _)| format!("{a};NaN")).unwrap());
+        } else {
+            input.push(line.clone());
+        }
+    }
+    let path = dir.join("bad.csv");
+    std::fs::write(&path, input.join("\n")).unwrap();
+    let d = Daemon::start(&dir, &BASE.replace("{records}", path.to_str().unwrap()));
+    d.wait_for(|d| d.stderr().contains("Pipeline idle"), "the whole file processed");
+    let m = d.metrics();
+    assert_eq!(metric(&m, "anomalyd_records_received_total"), Some(205.0));
+    assert!(metric(&m, "anomalyd_windows_scored_total").unwrap() > 100.0);
+    let discarded = |r: &str| metric(&m, &format!("anomalyd_records_discarded_total{{reason=\"{r}\"}}")).unwrap_or(0.0);
+    assert_eq!(discarded("missing_field"), 1.0, "garbage has the wrong column count\n{m}");
+    assert_eq!(discarded("too_long"), 1.0);
+    assert_eq!(discarded("wrong_type"), 1.0);
+    assert_eq!(discarded("nan"), 1.0);
+    assert_eq!(discarded("bad_timestamp"), 1.0);
+    assert_eq!(discarded("out_of_order"), 1.0);
+    assert_eq!(d.stop(), 0);
+}
