@@ -12,23 +12,23 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::alert::{Event, Observation, Tracker};
+use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::{AlertRules, Config, RecordFormat, SinkKind, SourceKind};
 use crate::model::{Model, Scorer, Scores};
 use crate::preprocess::Preprocessor;
-use crate::record::{parse_ndjson, CsvParser, FieldMap, ParseError, RawRecord, TimeFormat};
+use crate::record::{parse_ndjson, CsvParser, FieldMap, ParseError, RawRecord, TimeFormat, MAX_LINE_BYTES};
 use crate::telemetry::metrics::Metrics;
 use crate::window::{Outcome, WindowSpec, Windower};
 
@@ -37,9 +37,38 @@ const LINE_QUEUE: usize = 4096;
 /// At most one warning per this many bad records of a kind (the rest are counted, and logged at debug).
 const LOG_EVERY: u64 = 1000;
 
+/// The model a batch was windowed for and is scored with. Swapped by a reload; every batch
+/// carries its own, so scaling, scoring and threshold always belong together.
+pub struct ModelInUse {
+    pub model: Model,
+    /// Raw score for anomaly_score 1.0: the config's `model.threshold`, else the bundle's.
+    pub threshold: f64,
+}
+
+impl ModelInUse {
+    pub fn new(model: Model, configured_threshold: f64) -> ModelInUse {
+        let threshold = if configured_threshold > 0.0 { configured_threshold } else { model.threshold() };
+        ModelInUse { model, threshold }
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        (self.model.window_len(), self.model.n_features())
+    }
+}
+
+/// A reload's new model: the window stage switches at a batch boundary and passes the scorers
+/// on to the dispatcher in the same channel, so no batch is scored by a model it was not
+/// windowed for.
+pub struct ModelSwap {
+    pub model: Arc<ModelInUse>,
+    /// New sessions, or `None` when only the threshold changed.
+    pub scorers: Option<Vec<Scorer>>,
+}
+
 /// Windows of one inference call, with what the alert stage needs to know about each.
 struct Batch {
     seq: u64,
+    model: Arc<ModelInUse>,
     windows: Vec<f32>,
     meta: Vec<WindowMeta>,
 }
@@ -50,18 +79,14 @@ struct WindowMeta {
     end_ts: f64,
 }
 
+enum ToScoring {
+    Batch(Batch),
+    Swap(Vec<Scorer>),
+}
+
 struct Scored {
     batch: Batch,
     scores: Result<Scores, String>,
-}
-
-/// Everything the stages share that does not change while running.
-struct Shared {
-    metrics: Arc<Metrics>,
-    model: Model,
-    threshold: f64,
-    width: usize,
-    window: usize,
 }
 
 /// How records are read: the model's fields under the names the config maps them to.
@@ -113,45 +138,109 @@ pub fn validate(cfg: &Config) -> Result<String> {
 
 enum Parser {
     Csv(CsvParser),
+    /// CSV from a stream whose first line is the header (stdin): built when it arrives.
+    CsvHeaderNext { map: FieldMap, delimiter: char },
+    /// The header lacked a field the model needs: no line can be parsed.
+    CsvBadHeader(ParseError),
     Ndjson(FieldMap),
 }
 
 impl Parser {
-    fn parse(&self, line: &str, default_series: &str) -> Result<RawRecord, ParseError> {
+    /// `None` when the line was the header.
+    fn parse(&mut self, line: &str, default_series: &str) -> Option<Result<RawRecord, ParseError>> {
         match self {
-            Parser::Csv(p) => p.parse(line, default_series),
-            Parser::Ndjson(map) => parse_ndjson(map, line, default_series),
+            Parser::Csv(p) => Some(p.parse(line, default_series)),
+            Parser::Ndjson(map) => Some(parse_ndjson(map, line, default_series)),
+            Parser::CsvBadHeader(e) => Some(Err(e.clone())),
+            Parser::CsvHeaderNext { map, delimiter } => {
+                *self = match CsvParser::new(map.clone(), &CsvParser::header(line, *delimiter), *delimiter) {
+                    Ok(p) => Parser::Csv(p),
+                    Err(e) => {
+                        error!(error = %e, "CSV header lacks a field the model needs; no record can be read.");
+                        Parser::CsvBadHeader(e)
+                    }
+                };
+                None
+            }
         }
     }
 }
 
 // === Source ===
 
+/// One line from the source, or why it could not be one.
+enum Input {
+    Line(String),
+    Bad { reason: &'static str, detail: String },
+}
+
+/// Reads one line of at most `MAX_LINE_BYTES`: a longer one is skipped to its end without being
+/// held in memory, so a runaway producer cannot exhaust it. `None` at EOF.
+async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> std::io::Result<Option<Input>> {
+    buf.clear();
+    let mut skipped = 0usize;
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(match (buf.is_empty(), skipped) {
+                (true, 0) => None,
+                _ => Some(finish_line(buf, skipped)),
+            });
+        }
+        let (part, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (&chunk[..i], Some(i + 1)),
+            None => (chunk, None),
+        };
+        if skipped > 0 || buf.len() + part.len() > MAX_LINE_BYTES {
+            skipped += buf.len() + part.len();
+            buf.clear();
+        } else {
+            buf.extend_from_slice(part);
+        }
+        let used = done.unwrap_or(chunk.len());
+        reader.consume(used);
+        if done.is_some() {
+            return Ok(Some(finish_line(buf, skipped)));
+        }
+    }
+}
+
+fn finish_line(buf: &mut Vec<u8>, skipped: usize) -> Input {
+    if skipped > 0 {
+        return Input::Bad { reason: "too_long", detail: format!("line of {skipped} bytes or more") };
+    }
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    match String::from_utf8(std::mem::take(buf)) {
+        Ok(line) => Input::Line(line),
+        Err(_) => Input::Bad { reason: "malformed", detail: "line is not UTF-8".into() },
+    }
+}
+
 /// Reads lines from the file or stdin, paced by `replay_rate_per_sec`, until EOF or cancellation.
-async fn read_source<R: AsyncRead + Unpin>(
-    reader: R,
+async fn read_source<R: AsyncBufRead + Unpin>(
+    mut reader: R,
     rate: f64,
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<Input>,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
 ) {
-    let mut lines = BufReader::new(reader).lines();
     let started = Instant::now();
     let mut n = 0u64;
+    let mut buf = Vec::new();
     loop {
-        let line = tokio::select! {
+        let input = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            line = lines.next_line() => line,
+            input = read_line(&mut reader, &mut buf) => input,
         };
-        match line {
-            Ok(Some(line)) => {
-                if line.trim().is_empty() {
-                    continue;
-                }
+        match input {
+            Ok(Some(Input::Line(line))) if line.trim().is_empty() => continue,
+            Ok(Some(input)) => {
                 metrics.records_received.inc();
                 n += 1;
-                if tx.send(line).await.is_err() {
+                if tx.send(input).await.is_err() {
                     break;
                 }
                 if rate > 0.0 {
@@ -180,17 +269,21 @@ async fn read_source<R: AsyncRead + Unpin>(
 struct WindowStage {
     parser: Parser,
     default_series: String,
+    model: Arc<ModelInUse>,
     windower: Windower,
+    spec: WindowSpec,
+    max_series: usize,
     batch_max: usize,
     batch_wait: Duration,
     idle_secs: f64,
-    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
     bad: BTreeMap<&'static str, u64>,
+    seq: u64,
 }
 
 impl WindowStage {
     fn discard(&mut self, reason: &'static str, detail: &dyn std::fmt::Display) {
-        self.shared.metrics.records_discarded.with_label_values(&[reason]).inc();
+        self.metrics.records_discarded.with_label_values(&[reason]).inc();
         let n = self.bad.entry(reason).or_default();
         *n += 1;
         if *n % LOG_EVERY == 1 {
@@ -200,38 +293,89 @@ impl WindowStage {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<String>, tx: mpsc::Sender<Batch>) {
-        let (w, f) = (self.shared.window, self.shared.width);
-        let mut seq = 0u64;
-        let batch_max = self.batch_max;
-        let new_batch = move |seq| Batch { seq, windows: Vec::with_capacity(batch_max * w * f), meta: Vec::with_capacity(batch_max) };
-        let mut batch = new_batch(seq);
+    fn new_batch(&mut self) -> Batch {
+        let (w, f) = self.model.dims();
+        self.seq += 1;
+        Batch {
+            seq: self.seq - 1,
+            model: self.model.clone(),
+            windows: Vec::with_capacity(self.batch_max * w * f),
+            meta: Vec::with_capacity(self.batch_max),
+        }
+    }
+
+    /// Sends the batch (if it holds any window) and starts a new one; false when scoring is gone.
+    async fn flush(&mut self, batch: &mut Batch, tx: &mpsc::Sender<ToScoring>) -> bool {
+        if batch.meta.is_empty() {
+            return true;
+        }
+        let full = std::mem::replace(batch, self.new_batch());
+        self.update_gauges();
+        tx.send(ToScoring::Batch(full)).await.is_ok()
+    }
+
+    /// Switches to a reloaded model at a batch boundary. Window state survives when the new
+    /// bundle windows and scales exactly as the old one; otherwise every series warms up again.
+    async fn swap(&mut self, swap: ModelSwap, batch: &mut Batch, tx: &mpsc::Sender<ToScoring>) -> bool {
+        if !self.flush(batch, tx).await {
+            return false;
+        }
+        if !same_layout(&self.model.model, &swap.model.model) {
+            let dropped = self.windower.live_series();
+            self.spec.length = swap.model.model.window_len();
+            self.windower = Windower::with_max_series(self.spec, Preprocessor::new(&swap.model.model.meta), self.max_series);
+            warn!(series = dropped, "New model windows or scales differently; all series warm up again.");
+        }
+        self.model = swap.model;
+        // The flush left an empty batch: it keeps its sequence number (the alert stage waits
+        // for every number in turn) and takes the new model.
+        batch.model = self.model.clone();
+        match swap.scorers {
+            Some(scorers) => tx.send(ToScoring::Swap(scorers)).await.is_ok(),
+            None => true,
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut swaps: mpsc::Receiver<ModelSwap>, tx: mpsc::Sender<ToScoring>) {
+        let mut batch = self.new_batch();
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut newest_ts = f64::NEG_INFINITY;
         let mut since_eviction = 0u64;
         loop {
-            let line = tokio::select! {
+            // Biased: a reload is applied before more input, and a due batch before new lines.
+            let input = tokio::select! {
                 biased;
-                line = rx.recv() => line,
-                _ = async { tokio::time::sleep_until(deadline.expect("guarded by the if")).await }, if deadline.is_some() => {
+                Some(swap) = swaps.recv() => {
                     deadline = None;
-                    seq += 1;
-                    if tx.send(std::mem::replace(&mut batch, new_batch(seq))).await.is_err() { return; }
-                    self.update_gauges();
+                    if !self.swap(swap, &mut batch, &tx).await { return; }
                     continue;
                 }
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded by the if")).await }, if deadline.is_some() => {
+                    deadline = None;
+                    if !self.flush(&mut batch, &tx).await { return; }
+                    continue;
+                }
+                input = rx.recv() => input,
             };
-            let Some(line) = line else { break };
+            let line = match input {
+                None => break,
+                Some(Input::Bad { reason, detail }) => {
+                    self.discard(reason, &detail);
+                    continue;
+                }
+                Some(Input::Line(line)) => line,
+            };
             let record = match self.parser.parse(&line, &self.default_series) {
-                Ok(r) => r,
-                Err(e) => {
+                None => continue,
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
                     self.discard(e.reason(), &e);
                     continue;
                 }
             };
             let pushed = self.windower.push(&record, &mut batch.windows);
             if pushed.unknown_category {
-                self.shared.metrics.errors.with_label_values(&["window", "unknown_category"]).inc();
+                self.metrics.errors.with_label_values(&["window", "unknown_category"]).inc();
             }
             match pushed.outcome {
                 Outcome::Window { start_ts, end_ts } => {
@@ -244,47 +388,67 @@ impl WindowStage {
             }
             if batch.meta.len() >= self.batch_max {
                 deadline = None;
-                seq += 1;
-                if tx.send(std::mem::replace(&mut batch, new_batch(seq))).await.is_err() {
+                if !self.flush(&mut batch, &tx).await {
                     return;
                 }
-                self.update_gauges();
             }
             since_eviction += 1;
             if since_eviction >= 10_000 && newest_ts.is_finite() {
                 since_eviction = 0;
                 for gone in self.windower.evict_idle(newest_ts, self.idle_secs) {
-                    self.shared.metrics.series_evicted.inc();
-                    self.shared.metrics.forget_series(&gone);
+                    self.metrics.series_evicted.inc();
+                    self.metrics.forget_series(&gone);
                 }
             }
         }
-        if !batch.meta.is_empty() {
-            let _ = tx.send(batch).await;
-        }
+        self.flush(&mut batch, &tx).await;
         self.update_gauges();
     }
 
     fn update_gauges(&self) {
-        let m = &self.shared.metrics;
+        let m = &self.metrics;
         m.series_live.set(self.windower.live_series() as i64);
         m.series_warming.set(self.windower.warming_series() as i64);
         m.window_bytes.set(self.windower.window_bytes() as i64);
     }
 }
 
+/// Windows built for `a` mean the same to `b`: same W, features and scaling.
+fn same_layout(a: &Model, b: &Model) -> bool {
+    let cols = |m: &Model| {
+        m.meta.preprocess.columns.iter().map(|c| (c.source.clone(), c.transform, c.category.clone(), c.mean, c.std)).collect::<Vec<_>>()
+    };
+    a.window_len() == b.window_len()
+        && a.meta.window.max_gap_secs == b.meta.window.max_gap_secs
+        && a.meta.window.nan_policy == b.meta.window.nan_policy
+        && cols(a) == cols(b)
+}
+
 // === Scoring ===
 
-/// Runs batches on the scorer pool (blocking threads), as many at once as there are scorers.
-async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<Batch>, tx: mpsc::Sender<Scored>, shared: Arc<Shared>) {
-    let (pool_tx, mut pool_rx) = mpsc::channel(scorers.len());
-    for s in scorers {
-        pool_tx.try_send(s).expect("pool channel holds every scorer");
-    }
+/// Runs batches on the scorer pool (blocking threads), as many at once as there are scorers. A
+/// `Swap` replaces the pool: scorers of batches still in flight go back to the old pool, which
+/// nobody reads any more, and are dropped there.
+async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<ToScoring>, tx: mpsc::Sender<Scored>, metrics: Arc<Metrics>) {
+    let new_pool = |scorers: Vec<Scorer>| {
+        let (pool_tx, pool_rx) = mpsc::channel(scorers.len().max(1));
+        for s in scorers {
+            pool_tx.try_send(s).expect("pool channel holds every scorer");
+        }
+        (pool_tx, pool_rx)
+    };
+    let (mut pool_tx, mut pool_rx) = new_pool(scorers);
     let mut inflight = tokio::task::JoinSet::new();
-    while let Some(batch) = rx.recv().await {
+    while let Some(msg) = rx.recv().await {
+        let batch = match msg {
+            ToScoring::Swap(scorers) => {
+                (pool_tx, pool_rx) = new_pool(scorers);
+                continue;
+            }
+            ToScoring::Batch(batch) => batch,
+        };
         let mut scorer: Scorer = pool_rx.recv().await.expect("the pool sender lives in this function");
-        let (pool_tx, tx, shared) = (pool_tx.clone(), tx.clone(), shared.clone());
+        let (pool_tx, tx, metrics) = (pool_tx.clone(), tx.clone(), metrics.clone());
         inflight.spawn(async move {
             let n = batch.meta.len();
             let (scorer, batch, scores, took) = tokio::task::spawn_blocking(move || {
@@ -294,8 +458,8 @@ async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<Batch>, tx: mpsc:
             })
             .await
             .expect("inference does not panic on valid buffers");
-            shared.metrics.inference_duration.observe(took.as_secs_f64());
-            shared.metrics.inference_batch.observe(n as f64);
+            metrics.inference_duration.observe(took.as_secs_f64());
+            metrics.inference_batch.observe(n as f64);
             let _ = pool_tx.send(scorer).await;
             let _ = tx.send(Scored { batch, scores }).await;
         });
@@ -307,8 +471,8 @@ async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<Batch>, tx: mpsc:
 // === Alert stage ===
 
 struct AlertStage {
-    shared: Arc<Shared>,
-    rules: AlertRules,
+    metrics: Arc<Metrics>,
+    rules: watch::Receiver<AlertRules>,
     tracker: Tracker,
     sink: Box<dyn Write + Send>,
 }
@@ -329,71 +493,76 @@ impl AlertStage {
         for (_, scored) in std::mem::take(&mut waiting) {
             self.handle(scored);
         }
+        self.flush();
+    }
+
+    fn flush(&mut self) {
         if let Err(error) = self.sink.flush() {
-            self.shared.metrics.errors.with_label_values(&["alert", "sink"]).inc();
+            self.metrics.errors.with_label_values(&["alert", "sink"]).inc();
             error!(%error, "Alert sink flush failed.");
         }
     }
 
     fn handle(&mut self, scored: Scored) {
-        let m = self.shared.metrics.clone();
-        let (w, f) = (self.shared.window, self.shared.width);
+        let m = self.metrics.clone();
+        let batch = scored.batch;
         let scores = match scored.scores {
             Ok(s) => s,
             Err(error) => {
                 m.errors.with_label_values(&["scoring", "inference"]).inc();
-                error!(%error, windows = scored.batch.meta.len(), "Inference failed; windows not scored.");
+                error!(%error, windows = batch.meta.len(), "Inference failed; windows not scored.");
                 return;
             }
         };
+        if self.rules.has_changed().unwrap_or(false) {
+            let base = self.rules.borrow_and_update().base.clone();
+            self.tracker.set_policy(base);
+        }
+        let rules = self.rules.borrow().clone();
+        let (w, f) = batch.model.dims();
+        let threshold = batch.model.threshold;
+        let model = &batch.model.model.meta;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        let shared = self.shared.clone();
-        let names = &shared.model.meta.features;
-        for (i, meta) in scored.batch.meta.iter().enumerate() {
+        for (i, meta) in batch.meta.iter().enumerate() {
             let score = scores.score[i] as f64;
-            let anomaly = score / self.shared.threshold;
+            let anomaly = score / threshold;
             m.windows_scored.inc();
             if anomaly > 1.0 {
                 m.anomalous_windows.inc();
             }
             m.event_to_score.observe((now - meta.end_ts).max(0.0));
-            let window = &scored.batch.windows[i * w * f..(i + 1) * w * f];
+            let window = &batch.windows[i * w * f..(i + 1) * w * f];
             let obs = Observation {
                 series: &meta.series,
                 window_start_ts: meta.start_ts,
                 window_end_ts: meta.end_ts,
                 score,
-                threshold: self.shared.threshold,
-                feature_names: names,
+                threshold,
+                feature_names: &model.features,
                 feature_scores: &scores.feature_scores[i * f..(i + 1) * f],
                 latest: &window[(w - 1) * f..],
             };
-            let policy = self.rules.policy_for(&meta.series);
-            let event = self.tracker.observe_with(&obs, &policy);
-            if let Some(event) = event {
-                self.emit(event);
+            if let Some(event) = self.tracker.observe_with(&obs, &rules.policy_for(&meta.series)) {
+                self.emit(event, &model.name);
             }
-            let firing = self.tracker.state(&meta.series) == crate::alert::AlertState::Firing;
+            let firing = self.tracker.state(&meta.series) == AlertState::Firing;
             m.series_score(&meta.series, anomaly, firing);
         }
-        if let Err(error) = self.sink.flush() {
-            m.errors.with_label_values(&["alert", "sink"]).inc();
-            error!(%error, "Alert sink flush failed.");
-        }
+        self.flush();
     }
 
-    fn emit(&mut self, event: Event) {
+    fn emit(&mut self, event: Event, model: &str) {
         let (kind, alert) = match &event {
             Event::Fired(a) => ("firing", a),
             Event::Resolved(a) => ("resolved", a),
         };
-        self.shared.metrics.alerts.with_label_values(&[kind]).inc();
+        self.metrics.alerts.with_label_values(&[kind]).inc();
         let mut line = serde_json::to_value(alert).expect("alerts serialise");
         line["event"] = kind.into();
-        line["model"] = self.shared.model.meta.name.clone().into();
+        line["model"] = model.into();
         info!(series = %alert.series, event = kind, anomaly_score = alert.anomaly_score, "Alert.");
         if let Err(error) = writeln!(self.sink, "{line}") {
-            self.shared.metrics.errors.with_label_values(&["alert", "sink"]).inc();
+            self.metrics.errors.with_label_values(&["alert", "sink"]).inc();
             error!(%error, "Alert sink write failed.");
         }
     }
@@ -414,27 +583,51 @@ fn open_sink(cfg: &Config) -> Result<Box<dyn Write + Send>> {
     })
 }
 
-fn build_scorers(env: &ort::environment::Environment, model: &Model, n: usize) -> ort::Result<Vec<Scorer>> {
-    (0..n).map(|_| Scorer::new(env, model)).collect()
+/// One session per worker, each checked with a one-window run, so a bundle that loads but
+/// cannot score is refused at start-up or reload rather than on the first batch.
+pub fn build_scorers(env: &ort::environment::Environment, model: &Model, n: usize) -> Result<Vec<Scorer>> {
+    let fail = |e: ort::Error| anyhow!("{}: {e}", model.onnx_path.display());
+    let zeros = vec![0f32; model.window_len() * model.n_features()];
+    (0..n)
+        .map(|_| {
+            let mut s = Scorer::new(env, model).map_err(fail)?;
+            s.score(&zeros, 1).map_err(fail)?;
+            Ok(s)
+        })
+        .collect()
+}
+
+/// Publishes the model in use as metrics (the old label set is removed on a swap).
+pub fn publish_model(metrics: &Metrics, old: Option<&ModelInUse>, new: &ModelInUse) {
+    let labels = |m: &ModelInUse| {
+        let meta = &m.model.meta;
+        let kind = match meta.model_kind {
+            crate::model::ModelKind::ConvAe => "conv_ae",
+            crate::model::ModelKind::Vae => "vae",
+        };
+        [meta.name.clone(), kind.to_string(), meta.score_kind.clone(), meta.onnx.sha256.clone(), meta.trainer_version.clone()]
+    };
+    if let Some(old) = old {
+        let l = labels(old);
+        let _ = metrics.model_info.remove_label_values(&l.each_ref().map(String::as_str));
+    }
+    let l = labels(new);
+    metrics.model_info.with_label_values(&l.each_ref().map(String::as_str)).set(1);
+    metrics.model_threshold.set(new.threshold);
+    metrics.model_loaded.set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
 }
 
 /// Starts everything and runs until the source ends and a signal arrives, or a signal drains it.
-pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: CancellationToken) -> Result<()> {
     let model = Model::load(&cfg.model.path)?;
     let metrics = Arc::new(Metrics::new(cfg.admin.max_series_metrics));
     let lib = (!cfg.scoring.onnxruntime_library.is_empty()).then(|| Path::new(&cfg.scoring.onnxruntime_library));
     let env = crate::onnxruntime::init(lib)?;
-    let scorers = build_scorers(&env, &model, cfg.scoring.workers).map_err(|e| anyhow!("{}: {e}", model.onnx_path.display()))?;
+    let scorers = build_scorers(&env, &model, cfg.scoring.workers)?;
     let pre = Preprocessor::new(&model.meta);
     let map = field_map(&cfg, &model, &pre)?;
-    let threshold = if cfg.model.threshold > 0.0 { cfg.model.threshold } else { model.threshold() };
-    let meta = &model.meta;
-    metrics
-        .model_info
-        .with_label_values(&[&meta.name, &format!("{:?}", meta.model_kind).to_lowercase(), &meta.score_kind, &meta.onnx.sha256, &meta.trainer_version])
-        .set(1);
-    metrics.model_threshold.set(threshold);
-    metrics.model_loaded.set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+    let in_use = Arc::new(ModelInUse::new(model.clone(), cfg.model.threshold));
+    publish_model(&metrics, None, &in_use);
 
     let (reader, default_series): (Box<dyn AsyncRead + Unpin + Send>, String) = match cfg.source.kind {
         SourceKind::File => {
@@ -451,8 +644,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     let delimiter = cfg.source.csv_delimiter.chars().next().expect("validated: one character");
     let parser = match cfg.source.format {
         RecordFormat::Ndjson => Parser::Ndjson(map),
+        RecordFormat::Csv if cfg.source.csv_columns.is_empty() && cfg.source.kind == SourceKind::Stdin => {
+            Parser::CsvHeaderNext { map, delimiter }
+        }
         RecordFormat::Csv => {
             let header = if cfg.source.csv_columns.is_empty() {
+                // A file's header is there now: a field it lacks is a start-up error.
                 let mut first = String::new();
                 reader.read_line(&mut first).await.context("source: reading the CSV header")?;
                 CsvParser::header(&first, delimiter)
@@ -471,7 +668,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(admin::serve(listener, AdminState { metrics: metrics.clone(), ready: ready.clone() }, admin_stop.clone()));
 
-    let shared = Arc::new(Shared { metrics: metrics.clone(), threshold, width: model.n_features(), window: model.window_len(), model: model.clone() });
     let spec = WindowSpec {
         length: model.window_len(),
         stride: cfg.windows.stride,
@@ -481,26 +677,33 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     let windows = WindowStage {
         parser,
         default_series,
+        model: in_use.clone(),
         windower: Windower::with_max_series(spec, pre, cfg.windows.max_series),
+        spec,
+        max_series: cfg.windows.max_series,
         batch_max: cfg.scoring.batch_max_windows,
         batch_wait: cfg.scoring.batch_max_wait(),
         idle_secs: cfg.windows.idle_timeout_secs,
-        shared: shared.clone(),
+        metrics: metrics.clone(),
         bad: BTreeMap::new(),
+        seq: 0,
     };
-    let alerts = AlertStage { shared: shared.clone(), rules: cfg.alert_rules(), tracker: Tracker::new(cfg.alerting.clone()), sink: open_sink(&cfg)? };
+    let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules());
+    let alerts = AlertStage { metrics: metrics.clone(), rules: rules_rx, tracker: Tracker::new(cfg.alerting.clone()), sink: open_sink(&cfg)? };
 
     let (line_tx, line_rx) = mpsc::channel(LINE_QUEUE);
+    let (swap_tx, swap_rx) = mpsc::channel(1);
     let (batch_tx, batch_rx) = mpsc::channel(cfg.scoring.workers * 2);
     let (scored_tx, scored_rx) = mpsc::channel(cfg.scoring.workers * 2);
-    let source_stop = shutdown.child_token();
-    let source = tokio::spawn(read_source(reader, cfg.source.replay_rate_per_sec, line_tx, source_stop, metrics.clone()));
-    let window_task = tokio::spawn(windows.run(line_rx, batch_tx));
-    let dispatch_task = tokio::spawn(dispatch(scorers, batch_rx, scored_tx, shared.clone()));
+    let source = tokio::spawn(read_source(reader, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone()));
+    let window_task = tokio::spawn(windows.run(line_rx, swap_rx, batch_tx));
+    let dispatch_task = tokio::spawn(dispatch(scorers, batch_rx, scored_tx, metrics.clone()));
     let alert_task = tokio::spawn(alerts.run(scored_rx));
+    let reloader = crate::reload::Reloader { path: config_path, config: cfg.clone(), model: in_use.clone(), env, metrics: metrics.clone(), rules: rules_tx, swaps: swap_tx };
+    let reload_task = tokio::spawn(reloader.run(shutdown.child_token()));
     ready.store(true, Ordering::Release);
     metrics.ready.set(1);
-    info!(model = %model.meta.name, threshold, "Ready.");
+    info!(model = %model.meta.name, threshold = in_use.threshold, "Ready.");
 
     let pipeline = async {
         let _ = source.await;
@@ -520,6 +723,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
             warn!("Drain deadline passed; exiting with windows unscored.");
         }
     }
+    let _ = reload_task.await;
     admin_stop.cancel();
     let _ = admin.await;
     info!("Stopped.");

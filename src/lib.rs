@@ -22,6 +22,7 @@ pub mod model;
 pub mod onnxruntime;
 pub mod preprocess;
 pub mod record;
+pub mod reload;
 pub mod signal;
 pub mod telemetry;
 pub mod window;

@@ -62,14 +62,14 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(error) => return report(Err(error.into()), 1),
             };
-            report(
-                runtime.block_on(async {
-                    let shutdown = CancellationToken::new();
-                    anomalyd::signal::spawn(shutdown.clone())?;
-                    anomalyd::app::run(cfg, shutdown).await
-                }),
-                1,
-            )
+            let result = runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                anomalyd::signal::spawn(shutdown.clone())?;
+                anomalyd::app::run(cfg, config, shutdown).await
+            });
+            // A blocking read of stdin cannot be cancelled; do not wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            report(result, 1)
         }
     }
 }

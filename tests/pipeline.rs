@@ -40,7 +40,7 @@ fn sample_stream_anomaly_fires_and_resolves_and_metrics_say_so() {
     assert_eq!(metric(&m, "anomalyd_alerts_total{state=\"firing\"}"), Some(1.0));
     assert_eq!(metric(&m, "anomalyd_series_live"), Some(1.0));
     assert!(metric(&m, "anomalyd_anomaly_score{series=\"records.csv\"}").is_some());
-    assert!(m.contains("anomalyd_model_info{kind=\"convae\",model=\"skab-convae\""));
+    assert!(m.contains("anomalyd_model_info{kind=\"conv_ae\",model=\"skab-convae\""));
 
     // The records shift Current and Pressure from their 131st row (2026-01-05 10:02:41 UTC, after
     // a 30 s gap at row 71) for 30 rows; the alert must start inside that stretch and blame them.

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub model_threshold: Gauge,
     pub model_loaded: Gauge,
     pub ready: IntGauge,
+    pub reloads: IntCounterVec,
     /// Series that own per-series gauges (the cardinality cap).
     exported: Mutex<HashSet<String>>,
     max_series_metrics: usize,
@@ -136,6 +137,7 @@ impl Metrics {
                 "Scored windows of series beyond admin.max_series_metrics (no per-series gauges).",
             ),
             ready: gauge(&r, "anomalyd_ready", "1 once config, model and source are up."),
+            reloads: counter_vec(&r, "anomalyd_reloads_total", "Config and model reloads, by result (ok, error).", &["result"]),
             anomaly_score,
             alert_firing,
             model_info,

@@ -33,15 +33,37 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config` (TOML; `{port}` and `{dir}` are substituted) and starts `anomalyd run`.
     pub fn start(dir: &Path, config: &str) -> Daemon {
+        Self::spawn(dir, config, Stdio::null())
+    }
+
+    /// As [`Daemon::start`], with a pipe to the daemon's stdin (for `source.kind = "stdin"`).
+    pub fn start_piped(dir: &Path, config: &str) -> Daemon {
+        Self::spawn(dir, config, Stdio::piped())
+    }
+
+    /// Writes lines to the daemon's stdin.
+    pub fn send(&mut self, lines: &[&str]) {
+        let stdin = self.child.stdin.as_mut().expect("started with start_piped");
+        for l in lines {
+            writeln!(stdin, "{l}").unwrap();
+        }
+        stdin.flush().unwrap();
+    }
+
+    /// Rewrites the config file (same substitutions as at start), e.g. before a reload.
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(self.dir.join("anomalyd.toml"), substitute(config, self.port, &self.dir)).unwrap();
+    }
+
+    fn spawn(dir: &Path, config: &str, stdin: Stdio) -> Daemon {
         let port = free_port();
-        let text = config.replace("{port}", &port.to_string()).replace("{dir}", &dir.display().to_string());
         let path = dir.join("anomalyd.toml");
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, substitute(config, port, dir)).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_anomalyd"))
             .args(["run", "--config", path.to_str().unwrap()])
             .current_dir(repo())
             .env("ANOMALYD_LOG", "info")
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::from(std::fs::File::create(dir.join("stdout")).unwrap()))
             .stderr(Stdio::from(std::fs::File::create(dir.join("stderr")).unwrap()))
             .spawn()
@@ -108,6 +130,10 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn substitute(config: &str, port: u16, dir: &Path) -> String {
+    config.replace("{port}", &port.to_string()).replace("{dir}", &dir.display().to_string())
 }
 
 pub fn metric(text: &str, sample: &str) -> Option<f64> {

@@ -1,0 +1,90 @@
+//! Hot reload against the running daemon: SIGHUP and file changes, window state kept, a broken
+//! bundle refused while the old one keeps scoring.
+
+mod common;
+
+use common::{repo, temp_dir, Daemon};
+
+fn config(model: &str, threshold: f64) -> String {
+    format!(
+        r#"
+[model]
+path = "{model}"
+threshold = {threshold}
+[source]
+kind = "stdin"
+format = "csv"
+csv_delimiter = ";"
+[scoring]
+batch_max_wait_ms = 1
+[admin]
+listen = "127.0.0.1:{{port}}"
+[alerts]
+sink = "file"
+path = "{{dir}}/alerts.jsonl"
+"#
+    )
+}
+
+fn records() -> Vec<String> {
+    std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap().lines().map(String::from).collect()
+}
+
+fn scored(d: &Daemon) -> f64 {
+    d.metric("anomalyd_windows_scored_total").unwrap_or(0.0)
+}
+
+#[test]
+fn a_threshold_change_applies_to_the_next_window_and_keeps_windows() {
+    let dir = temp_dir("reload-threshold");
+    let model = repo().join("models/skab-convae");
+    let mut d = Daemon::start_piped(&dir, &config(model.to_str().unwrap(), 0.0));
+    let lines = records();
+    // Header and the first 60 records: one segment of 60 rows, 29 windows of W = 32.
+    d.send(&lines[..61].iter().map(String::as_str).collect::<Vec<_>>());
+    d.wait_for(|d| scored(d) == 29.0, "29 windows");
+    let anomalous = d.metric("anomalyd_anomalous_windows_total").unwrap();
+
+    d.write_config(&config(model.to_str().unwrap(), 1e-6));
+    d.signal("HUP");
+    d.wait_for(|d| d.metric("anomalyd_reloads_total{result=\"ok\"}").is_some_and(|v| v >= 1.0), "reload");
+    assert_eq!(d.metric("anomalyd_model_threshold"), Some(1e-6));
+
+    // The very next record completes a window (no warm-up: windows were kept), and it is
+    // anomalous under the new threshold.
+    d.send(&[lines[61].as_str()]);
+    d.wait_for(|d| scored(d) == 30.0, "the 30th window");
+    assert_eq!(d.metric("anomalyd_anomalous_windows_total"), Some(anomalous + 1.0));
+    assert_eq!(d.metric("anomalyd_series_warming"), Some(0.0));
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn a_broken_bundle_is_refused_and_the_old_model_keeps_scoring() {
+    let dir = temp_dir("reload-broken");
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for f in ["model.json", "model.onnx"] {
+        std::fs::copy(repo().join("models/skab-convae").join(f), bundle.join(f)).unwrap();
+    }
+    let mut d = Daemon::start_piped(&dir, &config(bundle.to_str().unwrap(), 0.0));
+    let info = d.metrics().lines().find(|l| l.starts_with("anomalyd_model_info")).unwrap().to_string();
+    let lines = records();
+    d.send(&lines[..41].iter().map(String::as_str).collect::<Vec<_>>());
+    d.wait_for(|d| scored(d) == 9.0, "9 windows");
+
+    // A bundle whose graph no longer matches its model.json: the reload fails on the sha256.
+    let mut onnx = std::fs::read(bundle.join("model.onnx")).unwrap();
+    onnx.extend_from_slice(b"garbage");
+    std::fs::write(bundle.join("model.onnx"), onnx).unwrap();
+    let json = std::fs::read_to_string(bundle.join("model.json")).unwrap();
+    std::fs::write(bundle.join("model.json"), json + " ").unwrap();
+    d.wait_for(|d| d.metric("anomalyd_reloads_total{result=\"error\"}").is_some_and(|v| v >= 1.0), "failed reload");
+    assert!(d.stderr().contains("Reload failed") && d.stderr().contains("does not match"), "{}", d.stderr());
+
+    d.send(&lines[41..51].iter().map(String::as_str).collect::<Vec<_>>());
+    d.wait_for(|d| scored(d) == 19.0, "10 more windows from the old model");
+    assert!(d.metrics().contains(&info), "model_info changed after a failed reload");
+    assert_eq!(d.stderr().matches("Reload failed").count(), 1, "logged once, not on every poll");
+    assert_eq!(d.stop(), 0);
+}
