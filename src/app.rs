@@ -28,7 +28,7 @@ use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::{AlertRules, Config, RecordFormat, SinkKind, SourceKind};
 use crate::model::{Model, Scorer, Scores};
 use crate::preprocess::Preprocessor;
-use crate::record::{parse_ndjson, CsvParser, FieldMap, ParseError, RawRecord, TimeFormat, MAX_LINE_BYTES};
+use crate::record::{CsvParser, FieldMap, LineParser, TimeFormat, MAX_LINE_BYTES};
 use crate::telemetry::metrics::Metrics;
 use crate::window::{Outcome, WindowSpec, Windower};
 
@@ -134,38 +134,6 @@ pub fn validate(cfg: &Config) -> Result<String> {
     ))
 }
 
-// === Parsing ===
-
-enum Parser {
-    Csv(CsvParser),
-    /// CSV from a stream whose first line is the header (stdin): built when it arrives.
-    CsvHeaderNext { map: FieldMap, delimiter: char },
-    /// The header lacked a field the model needs: no line can be parsed.
-    CsvBadHeader(ParseError),
-    Ndjson(FieldMap),
-}
-
-impl Parser {
-    /// `None` when the line was the header.
-    fn parse(&mut self, line: &str, default_series: &str) -> Option<Result<RawRecord, ParseError>> {
-        match self {
-            Parser::Csv(p) => Some(p.parse(line, default_series)),
-            Parser::Ndjson(map) => Some(parse_ndjson(map, line, default_series)),
-            Parser::CsvBadHeader(e) => Some(Err(e.clone())),
-            Parser::CsvHeaderNext { map, delimiter } => {
-                *self = match CsvParser::new(map.clone(), &CsvParser::header(line, *delimiter), *delimiter) {
-                    Ok(p) => Parser::Csv(p),
-                    Err(e) => {
-                        error!(error = %e, "CSV header lacks a field the model needs; no record can be read.");
-                        Parser::CsvBadHeader(e)
-                    }
-                };
-                None
-            }
-        }
-    }
-}
-
 // === Source ===
 
 /// One line from the source, or why it could not be one.
@@ -267,7 +235,7 @@ async fn read_source<R: AsyncBufRead + Unpin>(
 // === Window stage ===
 
 struct WindowStage {
-    parser: Parser,
+    parser: LineParser,
     default_series: String,
     model: Arc<ModelInUse>,
     windower: Windower,
@@ -643,9 +611,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let mut reader = BufReader::new(reader);
     let delimiter = cfg.source.csv_delimiter.chars().next().expect("validated: one character");
     let parser = match cfg.source.format {
-        RecordFormat::Ndjson => Parser::Ndjson(map),
+        RecordFormat::Ndjson => LineParser::Ndjson(map),
+        RecordFormat::Influx => LineParser::Influx(map),
         RecordFormat::Csv if cfg.source.csv_columns.is_empty() && cfg.source.kind == SourceKind::Stdin => {
-            Parser::CsvHeaderNext { map, delimiter }
+            LineParser::CsvHeaderNext { map, delimiter }
         }
         RecordFormat::Csv => {
             let header = if cfg.source.csv_columns.is_empty() {
@@ -656,7 +625,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
             } else {
                 cfg.source.csv_columns.clone()
             };
-            Parser::Csv(CsvParser::new(map, &header, delimiter).map_err(|e| anyhow!("source: CSV header: {e}"))?)
+            LineParser::Csv(CsvParser::new(map, &header, delimiter).map_err(|e| anyhow!("source: CSV header: {e}"))?)
         }
     };
 

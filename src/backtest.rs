@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::model::{Model, Scorer};
 use crate::preprocess::Preprocessor;
-use crate::record::{parse_ndjson, CsvParser, FieldMap, TimeFormat};
+use crate::record::{CsvParser, FieldMap, LineParser, TimeFormat};
 use crate::window::{Outcome, WindowSpec, Windower};
 
 /// Windows per ONNX Runtime call.
@@ -25,6 +25,8 @@ const TOP_FEATURES: usize = 3;
 pub enum InputFormat {
     Csv,
     Ndjson,
+    /// InfluxDB line protocol.
+    Influx,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -44,7 +46,7 @@ pub struct ScoreArgs {
     /// Where the scores go (default: stdout).
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// Input format (default: from the file extension; .csv/.txt = csv, else ndjson).
+    /// Input format (default: from the file extension; .csv/.txt = csv, .lp/.influx = influx, else ndjson).
     #[arg(long, value_enum)]
     pub format: Option<InputFormat>,
     #[arg(long, value_enum, default_value = "csv")]
@@ -147,22 +149,27 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     let series_name = args.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let format = args.format.unwrap_or(match extension(&args.input) {
         "csv" | "txt" => InputFormat::Csv,
+        "lp" | "influx" => InputFormat::Influx,
         _ => InputFormat::Ndjson,
     });
     let delimiter = args.delimiter.unwrap_or(input.delimiter);
     let mut line_no = 0u64;
-    let csv = if format == InputFormat::Csv {
-        let header = match (&args.columns, &input.header) {
-            (Some(c), _) | (None, Some(c)) => c.clone(),
-            (None, None) => {
-                line_no += 1;
-                let first = lines.next().context("empty input")??;
-                CsvParser::header(&first, delimiter)
-            }
-        };
-        Some(CsvParser::new(input.map.clone(), &header, delimiter).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?)
-    } else {
-        None
+    let mut parser = match format {
+        InputFormat::Ndjson => LineParser::Ndjson(input.map.clone()),
+        InputFormat::Influx => LineParser::Influx(input.map.clone()),
+        InputFormat::Csv => {
+            let header = match (&args.columns, &input.header) {
+                (Some(c), _) | (None, Some(c)) => c.clone(),
+                (None, None) => {
+                    line_no += 1;
+                    let first = lines.next().context("empty input")??;
+                    CsvParser::header(&first, delimiter)
+                }
+            };
+            LineParser::Csv(
+                CsvParser::new(input.map.clone(), &header, delimiter).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?,
+            )
+        }
     };
 
     let sink: Box<dyn Write> = match &args.output {
@@ -200,13 +207,10 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         if line.trim().is_empty() {
             continue;
         }
-        let parsed = match &csv {
-            Some(p) => p.parse(&line, &series_name),
-            None => parse_ndjson(&input.map, &line, &series_name),
-        };
-        let record = match parsed {
-            Ok(r) => r,
-            Err(e) => {
+        let record = match parser.parse(&line, &series_name) {
+            None => continue,
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
                 *skipped.entry(e.reason()).or_default() += 1;
                 tracing::debug!(line = line_no, error = %e, "Skipped record.");
                 continue;

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDateTime};
+use tracing::error;
 
 /// Text the trainer reads as a missing value (trainer/anomalyd_trainer/data.py `MISSING_TEXT`).
 const MISSING_TEXT: [&str; 9] = ["", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A"];
@@ -105,8 +106,8 @@ pub struct RawRecord {
 pub enum ParseError {
     #[error("line of {0} bytes exceeds the {MAX_LINE_BYTES}-byte limit")]
     TooLong(usize),
-    #[error("not valid JSON: {0}")]
-    NotJson(String),
+    #[error("{0}")]
+    Malformed(String),
     #[error("not a JSON object")]
     NotObject,
     #[error("field `{0}` is missing")]
@@ -124,7 +125,7 @@ impl ParseError {
     pub fn reason(&self) -> &'static str {
         match self {
             ParseError::TooLong(_) => "too_long",
-            ParseError::NotJson(_) | ParseError::NotObject => "malformed",
+            ParseError::Malformed(_) | ParseError::NotObject => "malformed",
             ParseError::MissingField(_) | ParseError::ColumnCount { .. } => "missing_field",
             ParseError::NotANumber { .. } => "wrong_type",
             ParseError::BadTimestamp { .. } => "bad_timestamp",
@@ -250,7 +251,7 @@ pub fn parse_ndjson(map: &FieldMap, line: &str, default_series: &str) -> Result<
     if line.len() > MAX_LINE_BYTES {
         return Err(ParseError::TooLong(line.len()));
     }
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| ParseError::NotJson(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| ParseError::Malformed(format!("not valid JSON: {e}")))?;
     let obj = value.as_object().ok_or(ParseError::NotObject)?;
     let get = |name: &str| obj.get(name).ok_or_else(|| ParseError::MissingField(name.to_string()));
     let ts = match &map.timestamp {
@@ -284,6 +285,121 @@ pub fn parse_ndjson(map: &FieldMap, line: &str, default_series: &str) -> Result<
         })
         .collect::<Result<_, _>>()?;
     Ok(RawRecord { series, ts, values })
+}
+
+// === Influx line protocol ===
+
+/// Splits on `sep` outside double quotes, honouring backslash escapes; escapes are kept.
+fn split_unescaped(text: &str, sep: char) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == sep && !quoted => {
+                out.push(&text[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    out.push(&text[start..]);
+    out
+}
+
+fn unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(next) = chars.next() {
+                out.push(next);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Parses `measurement[,tag=v…] field=v[,field=v…] [timestamp]` (InfluxDB line protocol).
+/// Names in the map are looked up among tags, then fields; `_measurement` is the measurement.
+/// The trailing timestamp is read with the map's time format (unix_ns by default in Influx);
+/// without one, the record has no event time.
+pub fn parse_influx(map: &FieldMap, line: &str, default_series: &str) -> Result<RawRecord, ParseError> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(ParseError::TooLong(line.len()));
+    }
+    let parts = split_unescaped(line.trim_end_matches(['\r', '\n']), ' ');
+    let parts: Vec<&str> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+    if parts.len() < 2 || parts.len() > 3 {
+        return Err(ParseError::Malformed("not influx line protocol: expected `measurement[,tags] fields [timestamp]`".into()));
+    }
+    let mut values: HashMap<String, String> = HashMap::new();
+    let mut key = split_unescaped(parts[0], ',').into_iter();
+    values.insert("_measurement".into(), unescape(key.next().unwrap_or_default()));
+    for pair in key.chain(split_unescaped(parts[1], ',')) {
+        let kv = split_unescaped(pair, '=');
+        let [k, v] = kv.as_slice() else {
+            return Err(ParseError::Malformed(format!("not a key=value pair: {pair:?}")));
+        };
+        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).map(str::to_string).unwrap_or_else(|| {
+            // Integer (`5i`, `5u`) and boolean literals of the line protocol.
+            v.strip_suffix(['i', 'u']).filter(|n| n.parse::<i64>().is_ok() || n.parse::<u64>().is_ok()).unwrap_or(v).to_string()
+        });
+        values.insert(unescape(k), unescape(&v));
+    }
+    let get = |name: &str| values.get(name).ok_or_else(|| ParseError::MissingField(name.to_string()));
+    let ts = match (&map.timestamp, parts.get(2)) {
+        (Some(_), Some(t)) => timestamp(map, t)?,
+        (Some((field, _)), None) => return Err(ParseError::MissingField(field.clone())),
+        (None, _) => None,
+    };
+    let series = if map.series.is_empty() {
+        default_series.to_string()
+    } else {
+        map.series.iter().map(|f| get(f).map(String::as_str)).collect::<Result<Vec<_>, _>>()?.join("/")
+    };
+    let values = map.fields.iter().map(|spec| value_from_text(spec, get(&spec.name)?)).collect::<Result<_, _>>()?;
+    Ok(RawRecord { series, ts, values })
+}
+
+// === Any format ===
+
+/// The parser of one source: CSV (header known, or still to come as the first line), NDJSON or
+/// Influx line protocol.
+pub enum LineParser {
+    Csv(CsvParser),
+    /// CSV from a stream whose first line is the header (stdin): built when it arrives.
+    CsvHeaderNext { map: FieldMap, delimiter: char },
+    /// The header lacked a field the model needs: no line can be parsed.
+    CsvBadHeader(ParseError),
+    Ndjson(FieldMap),
+    Influx(FieldMap),
+}
+
+impl LineParser {
+    /// `None` when the line was the header.
+    pub fn parse(&mut self, line: &str, default_series: &str) -> Option<Result<RawRecord, ParseError>> {
+        match self {
+            LineParser::Csv(p) => Some(p.parse(line, default_series)),
+            LineParser::Ndjson(map) => Some(parse_ndjson(map, line, default_series)),
+            LineParser::Influx(map) => Some(parse_influx(map, line, default_series)),
+            LineParser::CsvBadHeader(e) => Some(Err(e.clone())),
+            LineParser::CsvHeaderNext { map, delimiter } => {
+                *self = match CsvParser::new(map.clone(), &CsvParser::header(line, *delimiter), *delimiter) {
+                    Ok(p) => LineParser::Csv(p),
+                    Err(e) => {
+                        error!(error = %e, "CSV header lacks a field the model needs; no record can be read.");
+                        LineParser::CsvBadHeader(e)
+                    }
+                };
+                None
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -326,6 +442,19 @@ mod tests {
         assert_eq!(parse_ndjson(&m, "[1]", "x").unwrap_err(), ParseError::NotObject);
         assert_eq!(parse_ndjson(&m, "{", "x").unwrap_err().reason(), "malformed");
         assert_eq!(parse_ndjson(&m, r#"{"ts": 7}"#, "x").unwrap_err(), ParseError::MissingField("host".into()));
+    }
+
+    #[test]
+    fn influx_lines_map_tags_fields_and_the_timestamp() {
+        let mut m = map();
+        m.timestamp = Some(("time".into(), TimeFormat::UnixNanos));
+        let r = parse_influx(&m, r#"net,host=web\ 1,dc=x proto="tcp",cpu=42i 1500000000000000000"#, "x").unwrap();
+        assert_eq!((r.series.as_str(), r.ts), ("web 1", Some(1.5e9)));
+        assert_eq!(r.values, [Value::Num(42.0), Value::Text("tcp".into())]);
+        assert_eq!(parse_influx(&m, "net,host=a cpu=1", "x").unwrap_err(), ParseError::MissingField("time".into()));
+        assert_eq!(parse_influx(&m, "net,host=a proto=\"t\",cpu=abc 5", "x").unwrap_err().reason(), "wrong_type");
+        assert_eq!(parse_influx(&m, "just-one-part", "x").unwrap_err().reason(), "malformed");
+        assert_eq!(parse_influx(&m, "net,host=a proto=\"t\" 5", "x").unwrap_err(), ParseError::MissingField("cpu".into()));
     }
 
     #[test]

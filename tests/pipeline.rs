@@ -52,6 +52,10 @@ fn sample_stream_anomaly_fires_and_resolves_and_metrics_say_so() {
     let top = fired["top_features"][0]["name"].as_str().unwrap();
     assert!(top == "Current" || top == "Pressure", "{fired}");
     assert!(events.iter().any(|e| e["event"] == "resolved"));
+
+    // Names, types and help text pass Prometheus' own linter on this real scrape.
+    let (ok, output) = promtool_check_metrics(&m);
+    assert!(ok && output.trim().is_empty(), "promtool check metrics: {output}");
     assert_eq!(d.stop(), 0);
 }
 
@@ -92,5 +96,48 @@ fn bad_records_are_counted_by_reason_and_never_stop_the_stream() {
     assert_eq!(discarded("nan"), 1.0);
     assert_eq!(discarded("bad_timestamp"), 1.0);
     assert_eq!(discarded("out_of_order"), 1.0);
+    assert_eq!(d.stop(), 0);
+}
+
+/// `promtool check metrics` on a scrape: (passed, what it printed).
+fn promtool_check_metrics(text: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by scripts/setup (Debian package prometheus)");
+    child.stdin.take().expect("piped").write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn influx_line_protocol_scores_like_csv() {
+    let dir = temp_dir("influx");
+    let csv = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let mut rows = csv.lines();
+    let header: Vec<&str> = rows.next().unwrap().split(';').collect();
+    let lines: Vec<String> = rows
+        .map(|row| {
+            let cells: Vec<&str> = row.split(';').collect();
+            let ts = chrono::NaiveDateTime::parse_from_str(cells[0], "%Y-%m-%d %H:%M:%S").unwrap().and_utc();
+            let fields: Vec<String> =
+                header[1..].iter().zip(&cells[1..]).map(|(k, v)| format!("{}={v}", k.replace(' ', "\\ "))).collect();
+            format!("pump,site=a {} {}", fields.join(","), ts.timestamp_nanos_opt().unwrap())
+        })
+        .collect();
+    let path = dir.join("records.lp");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let config = BASE.replace("{records}", path.to_str().unwrap()).replace("format = \"csv\"", "format = \"influx\"")
+        + "[mapping]\ntimestamp_format = \"unix_ns\"\nseries_fields = [\"site\"]\n";
+    let d = Daemon::start(&dir, &config);
+    d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "all 138 windows scored");
+    let m = d.metrics();
+    assert_eq!(metric(&m, "anomalyd_alerts_total{state=\"firing\"}"), Some(1.0));
+    assert!(metric(&m, "anomalyd_anomaly_score{series=\"a\"}").is_some());
     assert_eq!(d.stop(), 0);
 }

@@ -63,6 +63,8 @@ pub enum SourceKind {
 pub enum RecordFormat {
     Csv,
     Ndjson,
+    /// InfluxDB line protocol.
+    Influx,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -1,0 +1,87 @@
+//! Stage throughput: records parsed, windows assembled, and windows scored by batch size, with
+//! the bundled conv-AE (W = 32, F = 8) on the bundled sample records. `cargo bench --bench stages`.
+
+use std::path::PathBuf;
+
+use anomalyd::model::{Model, Scorer};
+use anomalyd::preprocess::Preprocessor;
+use anomalyd::record::{CsvParser, FieldMap, RawRecord, TimeFormat};
+use anomalyd::window::{WindowSpec, Windower};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const RECORDS: usize = 10_000;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Fixture {
+    model: Model,
+    parser: CsvParser,
+    lines: Vec<String>,
+}
+
+/// 10,000 CSV lines: the sample records' values over 50 series, one second apart.
+fn fixture() -> Fixture {
+    let model = Model::load(repo().join("models/skab-convae")).unwrap();
+    let pre = Preprocessor::new(&model.meta);
+    let map = FieldMap {
+        timestamp: Some(("ts".into(), TimeFormat::UnixSecs)),
+        series: vec!["series".into()],
+        fields: pre.fields().to_vec(),
+    };
+    let text = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let mut rows = text.lines();
+    let header: Vec<String> = rows.next().unwrap().split(';').skip(1).map(String::from).collect();
+    let values: Vec<String> = rows.map(|r| r.split_once(';').unwrap().1.to_string()).collect();
+    let lines = (0..RECORDS).map(|i| format!("{};s{};{}", 1_700_000_000 + i / 50, i % 50, values[i % values.len()])).collect();
+    let mut columns = vec!["ts".to_string(), "series".to_string()];
+    columns.extend(header);
+    let parser = CsvParser::new(map, &columns, ';').unwrap();
+    Fixture { model, parser, lines }
+}
+
+fn stages(c: &mut Criterion) {
+    let f = fixture();
+    let records: Vec<RawRecord> = f.lines.iter().map(|l| f.parser.parse(l, "x").unwrap()).collect();
+
+    let mut g = c.benchmark_group("parse");
+    g.throughput(Throughput::Elements(RECORDS as u64));
+    g.bench_function("csv_records", |b| b.iter(|| f.lines.iter().map(|l| f.parser.parse(l, "x").unwrap().values.len()).sum::<usize>()));
+    g.finish();
+
+    let mut g = c.benchmark_group("window");
+    g.throughput(Throughput::Elements(RECORDS as u64));
+    for stride in [1usize, 8] {
+        g.bench_with_input(BenchmarkId::new("records_stride", stride), &stride, |b, &stride| {
+            let spec = WindowSpec { length: f.model.window_len(), stride, max_gap_secs: 0.0, nan_policy: f.model.meta.window.nan_policy };
+            b.iter_batched(
+                || (Windower::new(spec, Preprocessor::new(&f.model.meta)), Vec::with_capacity(RECORDS * 32 * 8)),
+                |(mut w, mut out)| {
+                    for r in &records {
+                        w.push(r, &mut out);
+                    }
+                    out.len()
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+
+    let env = anomalyd::onnxruntime::init(None).expect("ONNX Runtime (scripts/fetch-onnxruntime)");
+    let mut scorer = Scorer::new(&env, &f.model).unwrap();
+    let (w, n) = (f.model.window_len(), f.model.n_features());
+    let mut g = c.benchmark_group("inference");
+    for batch in [1usize, 16, 64, 256] {
+        let windows: Vec<f32> = (0..batch * w * n).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_with_input(BenchmarkId::new("windows_batch", batch), &batch, |b, &batch| {
+            b.iter(|| scorer.score(&windows, batch).unwrap().score.len())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);
