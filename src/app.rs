@@ -138,6 +138,8 @@ pub fn validate(cfg: &Config) -> Result<String> {
 
 /// One line from the source, or why it could not be one.
 enum Input {
+    /// A stream's CSV header line (not a record, not counted as one).
+    Header(String),
     Line(String),
     Bad { reason: &'static str, detail: String },
 }
@@ -189,6 +191,7 @@ fn finish_line(buf: &mut Vec<u8>, skipped: usize) -> Input {
 /// Reads lines from the file or stdin, paced by `replay_rate_per_sec`, until EOF or cancellation.
 async fn read_source<R: AsyncBufRead + Unpin>(
     mut reader: R,
+    mut header_next: bool,
     rate: f64,
     tx: mpsc::Sender<Input>,
     stop: CancellationToken,
@@ -205,6 +208,12 @@ async fn read_source<R: AsyncBufRead + Unpin>(
         };
         match input {
             Ok(Some(Input::Line(line))) if line.trim().is_empty() => continue,
+            Ok(Some(Input::Line(line))) if header_next => {
+                header_next = false;
+                if tx.send(Input::Header(line)).await.is_err() {
+                    break;
+                }
+            }
             Ok(Some(input)) => {
                 metrics.records_received.inc();
                 n += 1;
@@ -331,7 +340,7 @@ impl WindowStage {
                     self.discard(reason, &detail);
                     continue;
                 }
-                Some(Input::Line(line)) => line,
+                Some(Input::Line(line) | Input::Header(line)) => line,
             };
             let record = match self.parser.parse(&line, &self.default_series) {
                 None => continue,
@@ -664,7 +673,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let (swap_tx, swap_rx) = mpsc::channel(1);
     let (batch_tx, batch_rx) = mpsc::channel(cfg.scoring.workers * 2);
     let (scored_tx, scored_rx) = mpsc::channel(cfg.scoring.workers * 2);
-    let source = tokio::spawn(read_source(reader, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone()));
+    let header_next = matches!(windows.parser, LineParser::CsvHeaderNext { .. });
+    let source = tokio::spawn(read_source(reader, header_next, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone()));
     let window_task = tokio::spawn(windows.run(line_rx, swap_rx, batch_tx));
     let dispatch_task = tokio::spawn(dispatch(scorers, batch_rx, scored_tx, metrics.clone()));
     let alert_task = tokio::spawn(alerts.run(scored_rx));

@@ -99,6 +99,29 @@ fn bad_records_are_counted_by_reason_and_never_stop_the_stream() {
     assert_eq!(d.stop(), 0);
 }
 
+#[test]
+fn shutdown_scores_what_is_buffered_and_flushes_alerts() {
+    let dir = temp_dir("drain");
+    let records = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    // stdin stays open, so only the signal ends intake; batches never fill and never time out,
+    // so every window waits in the window stage until the drain.
+    let config = BASE.replace("kind = \"file\"", "kind = \"stdin\"")
+        + "[scoring]\nbatch_max_windows = 100000\nbatch_max_wait_ms = 600000\n";
+    let mut d = Daemon::start_piped(&dir, &config);
+    d.send(&records.lines().collect::<Vec<_>>());
+    d.wait_for(|d| d.metric("anomalyd_records_received_total") == Some(201.0), "the whole stream read");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(d.metric("anomalyd_windows_scored_total"), Some(0.0));
+    assert!(alerts(&d).is_empty());
+    let dir = d.dir.clone();
+    assert_eq!(d.stop(), 0);
+    let events: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.join("alerts.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(events.iter().any(|e| e["event"] == "firing"), "buffered windows were scored at shutdown");
+    let log = std::fs::read_to_string(dir.join("stderr")).unwrap();
+    assert!(log.contains("Draining.") && log.contains("Stopped."), "{log}");
+}
+
 /// `promtool check metrics` on a scrape: (passed, what it printed).
 fn promtool_check_metrics(text: &str) -> (bool, String) {
     use std::io::Write;
@@ -130,14 +153,19 @@ fn influx_line_protocol_scores_like_csv() {
             format!("pump,site=a {} {}", fields.join(","), ts.timestamp_nanos_opt().unwrap())
         })
         .collect();
+    // One more series than windows.max_series allows: refused and counted, not scored.
+    let mut lines = lines;
+    lines.insert(5, lines[5].replace("site=a", "site=b"));
     let path = dir.join("records.lp");
     std::fs::write(&path, lines.join("\n")).unwrap();
     let config = BASE.replace("{records}", path.to_str().unwrap()).replace("format = \"csv\"", "format = \"influx\"")
-        + "[mapping]\ntimestamp_format = \"unix_ns\"\nseries_fields = [\"site\"]\n";
+        + "[mapping]\ntimestamp_format = \"unix_ns\"\nseries_fields = [\"site\"]\n[windows]\nmax_series = 1\n";
     let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "all 138 windows scored");
     let m = d.metrics();
     assert_eq!(metric(&m, "anomalyd_alerts_total{state=\"firing\"}"), Some(1.0));
     assert!(metric(&m, "anomalyd_anomaly_score{series=\"a\"}").is_some());
+    assert_eq!(metric(&m, "anomalyd_records_discarded_total{reason=\"series_limit\"}"), Some(1.0));
+    assert_eq!(metric(&m, "anomalyd_series_live"), Some(1.0));
     assert_eq!(d.stop(), 0);
 }
