@@ -89,7 +89,8 @@ struct Scored {
     scores: Result<Scores, String>,
 }
 
-/// How records are read: the model's fields under the names the config maps them to.
+/// How records are read: the model's fields under the names the config maps them to. Also
+/// checks the config against the model: renamed fields and override labels must exist.
 pub fn field_map(cfg: &Config, model: &Model, pre: &Preprocessor) -> Result<FieldMap> {
     let m = &cfg.mapping;
     if let Some(unknown) = m.fields.keys().find(|k| !pre.fields().iter().any(|f| &f.name == *k)) {
@@ -108,11 +109,13 @@ pub fn field_map(cfg: &Config, model: &Model, pre: &Preprocessor) -> Result<Fiel
             f.name = renamed.clone();
         }
     }
-    Ok(FieldMap {
-        timestamp: ts_field.map(|f| (f, TimeFormat::parse(&ts_format))),
-        series: if m.series_fields.is_empty() { model.meta.preprocess.series_columns.clone() } else { m.series_fields.clone() },
-        fields,
-    })
+    let series = if m.series_fields.is_empty() { model.meta.preprocess.series_columns.clone() } else { m.series_fields.clone() };
+    for (i, o) in cfg.alert_overrides.iter().enumerate() {
+        if let Some(name) = o.labels.keys().find(|name| !series.contains(name)) {
+            return Err(anyhow!("alert_overrides[{i}].labels.{name}: not a series field (series fields: {series:?})"));
+        }
+    }
+    Ok(FieldMap { timestamp: ts_field.map(|f| (f, TimeFormat::parse(&ts_format))), series, fields })
 }
 
 /// Loads and checks everything `run` would, without starting: `anomalyd validate`.
@@ -603,6 +606,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let scorers = build_scorers(&env, &model, cfg.scoring.workers)?;
     let pre = Preprocessor::new(&model.meta);
     let map = field_map(&cfg, &model, &pre)?;
+    let map_series = map.series.clone();
     let in_use = Arc::new(ModelInUse::new(model.clone(), cfg.model.threshold));
     publish_model(&metrics, None, &in_use);
 
@@ -666,7 +670,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         bad: BTreeMap::new(),
         seq: 0,
     };
-    let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules());
+    let label_names = map_series.clone();
+    let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules(&label_names));
     let alerts = AlertStage { metrics: metrics.clone(), rules: rules_rx, tracker: Tracker::new(cfg.alerting.clone()), sink: open_sink(&cfg)? };
 
     let (line_tx, line_rx) = mpsc::channel(LINE_QUEUE);
@@ -678,7 +683,16 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let window_task = tokio::spawn(windows.run(line_rx, swap_rx, batch_tx));
     let dispatch_task = tokio::spawn(dispatch(scorers, batch_rx, scored_tx, metrics.clone()));
     let alert_task = tokio::spawn(alerts.run(scored_rx));
-    let reloader = crate::reload::Reloader { path: config_path, config: cfg.clone(), model: in_use.clone(), env, metrics: metrics.clone(), rules: rules_tx, swaps: swap_tx };
+    let reloader = crate::reload::Reloader {
+        path: config_path,
+        config: cfg.clone(),
+        label_names,
+        model: in_use.clone(),
+        env,
+        metrics: metrics.clone(),
+        rules: rules_tx,
+        swaps: swap_tx,
+    };
     let reload_task = tokio::spawn(reloader.run(shutdown.child_token()));
     ready.store(true, Ordering::Release);
     metrics.ready.set(1);

@@ -30,6 +30,8 @@ const POLL: Duration = Duration::from_secs(1);
 pub struct Reloader {
     pub path: Option<PathBuf>,
     pub config: Config,
+    /// Series fields of the running mapping (mapping changes need a restart).
+    pub label_names: Vec<String>,
     pub model: Arc<ModelInUse>,
     pub env: ort::environment::Environment,
     pub metrics: Arc<Metrics>,
@@ -127,8 +129,9 @@ impl Reloader {
             });
             self.model = in_use;
         }
-        if new.alert_rules() != old.alert_rules() {
-            self.rules.send_replace(new.alert_rules());
+        let rules = new.alert_rules(&self.label_names);
+        if rules != old.alert_rules(&self.label_names) {
+            self.rules.send_replace(rules);
             changes.push("alert policy".into());
         }
         self.config = new;

@@ -113,11 +113,15 @@ impl ScoringConfig {
     }
 }
 
-/// Replaces the keys it sets for series whose key matches `series` (glob: `*`, `?`).
+/// Replaces the keys it sets for the series it matches: `series` is a glob (`*`, `?`) on the
+/// series key, `labels` globs on the values of the series fields; both must match.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AlertOverride {
+    #[serde(default = "match_all")]
     pub series: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub min_anomaly_score: Option<f64>,
     pub direction: Option<Direction>,
     pub min_deviation: Option<f64>,
@@ -127,18 +131,30 @@ pub struct AlertOverride {
     pub cooldown_secs: Option<f64>,
 }
 
+fn match_all() -> String {
+    "*".into()
+}
+
 /// The alert policy in force for each series: `[alerting]`, then the first matching
 /// `[[alert_overrides]]` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlertRules {
     pub base: Policy,
     pub overrides: Vec<AlertOverride>,
+    /// Names of the series fields, whose values (joined with `/`) make the series key.
+    pub label_names: Vec<String>,
 }
 
 impl AlertRules {
     pub fn policy_for(&self, series: &str) -> Policy {
+        let values: Vec<&str> = series.splitn(self.label_names.len().max(1), '/').collect();
+        let label = |name: &str| self.label_names.iter().position(|n| n == name).and_then(|i| values.get(i).copied());
+        let matches = |o: &&AlertOverride| {
+            glob_match(&o.series, series)
+                && o.labels.iter().all(|(name, pattern)| label(name).is_some_and(|v| glob_match(pattern, v)))
+        };
         let mut p = self.base.clone();
-        if let Some(o) = self.overrides.iter().find(|o| glob_match(&o.series, series)) {
+        if let Some(o) = self.overrides.iter().find(matches) {
             o.apply(&mut p);
         }
         p
@@ -228,8 +244,9 @@ impl ShutdownConfig {
 }
 
 impl Config {
-    pub fn alert_rules(&self) -> AlertRules {
-        AlertRules { base: self.alerting.clone(), overrides: self.alert_overrides.clone() }
+    /// `label_names`: the series fields in force (the mapping's, or the bundle's series columns).
+    pub fn alert_rules(&self, label_names: &[String]) -> AlertRules {
+        AlertRules { base: self.alerting.clone(), overrides: self.alert_overrides.clone(), label_names: label_names.to_vec() }
     }
 
     /// Defaults ← file ← environment (`ANOMALYD__SECTION__KEY`), then [`Config::validate`].
@@ -361,8 +378,14 @@ mod tests {
     #[test]
     fn overrides_apply_to_matching_series_only() {
         let cfg = load("[[alert_overrides]]\nseries = \"db-*/eth?\"\nmin_anomaly_score = 2.5\n", &[]).unwrap();
-        assert_eq!(cfg.alert_rules().policy_for("db-1/eth0").min_anomaly_score, 2.5);
-        assert_eq!(cfg.alert_rules().policy_for("web-1/eth0").min_anomaly_score, 1.0);
+        let rules = cfg.alert_rules(&[]);
+        assert_eq!(rules.policy_for("db-1/eth0").min_anomaly_score, 2.5);
+        assert_eq!(rules.policy_for("web-1/eth0").min_anomaly_score, 1.0);
+        let cfg = load("[[alert_overrides]]\nlabels = { dc = \"eu-*\" }\nfire_hits = 2\nfire_windows = 3\n", &[]).unwrap();
+        let rules = cfg.alert_rules(&["host".into(), "dc".into()]);
+        assert_eq!(rules.policy_for("db-1/eu-west").fire_hits, 2);
+        assert_eq!(rules.policy_for("db-1/us-east").fire_hits, 1);
+        assert_eq!(cfg.alert_rules(&["host".into()]).policy_for("db-1").fire_hits, 1, "no such label: no match");
         assert!(glob_match("*", "") && glob_match("a*c", "abbc") && !glob_match("a?c", "abbc"));
     }
 }
