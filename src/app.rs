@@ -279,8 +279,9 @@ impl WindowStage {
         Batch {
             seq: self.seq - 1,
             model: self.model.clone(),
-            windows: Vec::with_capacity(self.batch_max * w * f),
-            meta: Vec::with_capacity(self.batch_max),
+            // Reserve for a typical batch, not for a huge configured maximum.
+            windows: Vec::with_capacity(self.batch_max.min(256) * w * f),
+            meta: Vec::with_capacity(self.batch_max.min(256)),
         }
     }
 
