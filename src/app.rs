@@ -71,6 +71,9 @@ struct Batch {
     model: Arc<ModelInUse>,
     windows: Vec<f32>,
     meta: Vec<WindowMeta>,
+    /// Series evicted (idle) since the previous batch: the alert stage forgets them after this
+    /// batch's windows, so their per-series state and gauges go too.
+    evicted: Vec<String>,
 }
 
 struct WindowMeta {
@@ -282,12 +285,13 @@ impl WindowStage {
             // Reserve for a typical batch, not for a huge configured maximum.
             windows: Vec::with_capacity(self.batch_max.min(256) * w * f),
             meta: Vec::with_capacity(self.batch_max.min(256)),
+            evicted: Vec::new(),
         }
     }
 
     /// Sends the batch (if it holds any window) and starts a new one; false when scoring is gone.
     async fn flush(&mut self, batch: &mut Batch, tx: &mpsc::Sender<ToScoring>) -> bool {
-        if batch.meta.is_empty() {
+        if batch.meta.is_empty() && batch.evicted.is_empty() {
             return true;
         }
         let full = std::mem::replace(batch, self.new_batch());
@@ -321,7 +325,7 @@ impl WindowStage {
         let mut batch = self.new_batch();
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut newest_ts = f64::NEG_INFINITY;
-        let mut since_eviction = 0u64;
+        let mut next_eviction_ts = f64::NEG_INFINITY;
         loop {
             // Biased: a reload is applied before more input, and a due batch before new lines.
             let input = tokio::select! {
@@ -358,14 +362,18 @@ impl WindowStage {
             if pushed.unknown_category {
                 self.metrics.errors.with_label_values(&["window", "unknown_category"]).inc();
             }
+            // Idle eviction compares event times across series: only real ones (sequence
+            // numbers of time-less inputs count per series and mean nothing across them).
+            if let Some(ts) = record.ts {
+                newest_ts = newest_ts.max(ts);
+            }
             match pushed.outcome {
                 Outcome::Window { start_ts, end_ts } => {
-                    newest_ts = newest_ts.max(end_ts);
                     batch.meta.push(WindowMeta { series: record.series, start_ts, end_ts });
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.batch_wait);
                 }
                 Outcome::Dropped(reason) => self.discard(reason.reason(), &format!("series {}", record.series)),
-                Outcome::Buffered => newest_ts = newest_ts.max(record.ts.unwrap_or(f64::NEG_INFINITY)),
+                Outcome::Buffered => {}
             }
             if batch.meta.len() >= self.batch_max {
                 deadline = None;
@@ -373,13 +381,13 @@ impl WindowStage {
                     return;
                 }
             }
-            since_eviction += 1;
-            if since_eviction >= 10_000 && newest_ts.is_finite() {
-                since_eviction = 0;
-                for gone in self.windower.evict_idle(newest_ts, self.idle_secs) {
-                    self.metrics.series_evicted.inc();
-                    self.metrics.forget_series(&gone);
-                }
+            // Scanning for idle series costs O(series): do it each tenth of the idle timeout of
+            // event time.
+            if newest_ts.is_finite() && newest_ts >= next_eviction_ts {
+                next_eviction_ts = newest_ts + self.idle_secs / 10.0;
+                let gone = self.windower.evict_idle(newest_ts, self.idle_secs);
+                self.metrics.series_evicted.inc_by(gone.len() as u64);
+                batch.evicted.extend(gone);
             }
         }
         self.flush(&mut batch, &tx).await;
@@ -424,6 +432,11 @@ async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<ToScoring>, tx: m
         let batch = match msg {
             ToScoring::Swap(scorers) => {
                 (pool_tx, pool_rx) = new_pool(scorers);
+                continue;
+            }
+            ToScoring::Batch(batch) if batch.meta.is_empty() => {
+                // Evictions only: nothing to score, but the alert stage must see it in order.
+                let _ = tx.send(Scored { batch, scores: Ok(Scores::default()) }).await;
                 continue;
             }
             ToScoring::Batch(batch) => batch,
@@ -528,6 +541,12 @@ impl AlertStage {
             }
             let firing = self.tracker.state(&meta.series) == AlertState::Firing;
             m.series_score(&meta.series, anomaly, firing);
+        }
+        for series in &batch.evicted {
+            if self.tracker.forget(series) {
+                info!(series = %series, "Idle series evicted while its alert was firing.");
+            }
+            m.forget_series(series);
         }
         self.flush();
     }

@@ -122,6 +122,31 @@ fn shutdown_scores_what_is_buffered_and_flushes_alerts() {
     assert!(log.contains("Draining.") && log.contains("Stopped."), "{log}");
 }
 
+#[test]
+fn idle_series_are_evicted_with_their_gauges() {
+    let dir = temp_dir("evict");
+    let csv = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let mut rows = csv.lines();
+    let header = format!("ts;series;{}", rows.next().unwrap().split_once(';').unwrap().1);
+    let values: Vec<&str> = rows.map(|r| r.split_once(';').unwrap().1).collect();
+    // Series "a" for 40 s, then only "b" from 1000 s on: "a" is idle past the 60 s timeout.
+    let mut lines = vec![header];
+    lines.extend((0..40).map(|i| format!("{i};a;{}", values[i])));
+    lines.extend((0..100).map(|i| format!("{};b;{}", 1000 + i, values[i])));
+    let path = dir.join("two.csv");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let config = BASE.replace("{records}", path.to_str().unwrap())
+        + "[mapping]\ntimestamp_field = \"ts\"\ntimestamp_format = \"unix_s\"\nseries_fields = [\"series\"]\n[windows]\nidle_timeout_secs = 60\n";
+    let d = Daemon::start(&dir, &config);
+    d.wait_for(|d| d.stderr().contains("Pipeline idle"), "the whole file processed");
+    let m = d.metrics();
+    assert_eq!(metric(&m, "anomalyd_series_evicted_total"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "anomalyd_series_live"), Some(1.0));
+    assert!(metric(&m, "anomalyd_anomaly_score{series=\"a\"}").is_none(), "evicted series keeps no gauge");
+    assert!(metric(&m, "anomalyd_anomaly_score{series=\"b\"}").is_some());
+    assert_eq!(d.stop(), 0);
+}
+
 /// `promtool check metrics` on a scrape: (passed, what it printed).
 fn promtool_check_metrics(text: &str) -> (bool, String) {
     use std::io::Write;
