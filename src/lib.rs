@@ -4,6 +4,7 @@
 //!
 //! - [`alert`]: per-series alert policy (N of M to fire, K clean to resolve, cooldown), hot-swappable
 //! - [`backtest`]: `anomalyd score`, offline scoring of a file
+//! - [`flows`]: goflow2 flow records → per-host, per-bucket feature rows (docs/flow-features.md)
 //! - [`model`]: bundles (`model.json` + `model.onnx`), validation, one ONNX Runtime session per worker
 //! - [`onnxruntime`]: finding and loading the ONNX Runtime shared library
 //! - [`record`]: CSV / NDJSON payloads → raw records (series, event time, field values)
@@ -18,6 +19,7 @@ pub mod alert;
 pub mod app;
 pub mod backtest;
 pub mod config;
+pub mod flows;
 pub mod model;
 pub mod onnxruntime;
 pub mod preprocess;
