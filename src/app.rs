@@ -26,9 +26,10 @@ use tracing::{debug, error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::{AlertRules, Config, RecordFormat, SinkKind, SourceKind};
+use crate::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
 use crate::model::{Model, Scorer, Scores};
 use crate::preprocess::Preprocessor;
-use crate::record::{CsvParser, FieldMap, LineParser, TimeFormat, MAX_LINE_BYTES};
+use crate::record::{CsvParser, FieldMap, LineParser, RawRecord, TimeFormat, Value, MAX_LINE_BYTES};
 use crate::telemetry::metrics::Metrics;
 use crate::window::{Outcome, WindowSpec, Windower};
 
@@ -249,8 +250,29 @@ async fn read_source<R: AsyncBufRead + Unpin>(
 
 // === Window stage ===
 
+/// goflow2 input: flows are aggregated into per-host bucket rows first (docs/flow-features.md),
+/// and those rows are the records.
+struct FlowInput {
+    aggregator: FlowAggregator,
+    /// For each model source field, its index in `FLOW_FEATURES`.
+    order: Vec<usize>,
+}
+
+impl FlowInput {
+    fn record(&self, row: FlowRow) -> RawRecord {
+        let values = self.order.iter().map(|&j| Value::Num(row.features[j])).collect();
+        RawRecord { series: row.host, ts: Some(row.bucket_start as f64), values }
+    }
+}
+
+/// What turns input lines into records.
+enum RecordInput {
+    Lines(LineParser),
+    Flows(FlowInput),
+}
+
 struct WindowStage {
-    parser: LineParser,
+    input: RecordInput,
     default_series: String,
     model: Arc<ModelInUse>,
     windower: Windower,
@@ -262,6 +284,12 @@ struct WindowStage {
     metrics: Arc<Metrics>,
     bad: BTreeMap<&'static str, u64>,
     seq: u64,
+    batch: Batch,
+    /// When the current batch must go even if not full (set by its first window).
+    deadline: Option<tokio::time::Instant>,
+    /// Newest event time seen, and when to look for idle series next.
+    newest_ts: f64,
+    next_eviction_ts: f64,
 }
 
 impl WindowStage {
@@ -289,20 +317,22 @@ impl WindowStage {
         }
     }
 
-    /// Sends the batch (if it holds any window) and starts a new one; false when scoring is gone.
-    async fn flush(&mut self, batch: &mut Batch, tx: &mpsc::Sender<ToScoring>) -> bool {
-        if batch.meta.is_empty() && batch.evicted.is_empty() {
+    /// Sends the batch (if it holds anything) and starts a new one; false when scoring is gone.
+    async fn flush(&mut self, tx: &mpsc::Sender<ToScoring>) -> bool {
+        self.deadline = None;
+        if self.batch.meta.is_empty() && self.batch.evicted.is_empty() {
             return true;
         }
-        let full = std::mem::replace(batch, self.new_batch());
+        let next = self.new_batch();
+        let full = std::mem::replace(&mut self.batch, next);
         self.update_gauges();
         tx.send(ToScoring::Batch(full)).await.is_ok()
     }
 
     /// Switches to a reloaded model at a batch boundary. Window state survives when the new
     /// bundle windows and scales exactly as the old one; otherwise every series warms up again.
-    async fn swap(&mut self, swap: ModelSwap, batch: &mut Batch, tx: &mpsc::Sender<ToScoring>) -> bool {
-        if !self.flush(batch, tx).await {
+    async fn swap(&mut self, swap: ModelSwap, tx: &mpsc::Sender<ToScoring>) -> bool {
+        if !self.flush(tx).await {
             return false;
         }
         if !same_layout(&self.model.model, &swap.model.model) {
@@ -314,83 +344,116 @@ impl WindowStage {
         self.model = swap.model;
         // The flush left an empty batch: it keeps its sequence number (the alert stage waits
         // for every number in turn) and takes the new model.
-        batch.model = self.model.clone();
+        self.batch.model = self.model.clone();
         match swap.scorers {
             Some(scorers) => tx.send(ToScoring::Swap(scorers)).await.is_ok(),
             None => true,
         }
     }
 
+    /// Windows one record; sends the batch when full. False when scoring is gone.
+    async fn push(&mut self, record: RawRecord, tx: &mpsc::Sender<ToScoring>) -> bool {
+        let pushed = self.windower.push(&record, &mut self.batch.windows);
+        if pushed.unknown_category {
+            self.metrics.errors.with_label_values(&["window", "unknown_category"]).inc();
+        }
+        // Idle eviction compares event times across series: only real ones (sequence
+        // numbers of time-less inputs count per series and mean nothing across them).
+        if let Some(ts) = record.ts {
+            self.newest_ts = self.newest_ts.max(ts);
+        }
+        match pushed.outcome {
+            Outcome::Window { start_ts, end_ts } => {
+                self.batch.meta.push(WindowMeta { series: record.series, start_ts, end_ts });
+                let wait = self.batch_wait;
+                self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+            }
+            Outcome::Dropped(reason) => self.discard(reason.reason(), &format!("series {}", record.series)),
+            Outcome::Buffered => {}
+        }
+        if self.batch.meta.len() >= self.batch_max && !self.flush(tx).await {
+            return false;
+        }
+        // Scanning for idle series costs O(series): do it each tenth of the idle timeout of
+        // event time.
+        if self.newest_ts.is_finite() && self.newest_ts >= self.next_eviction_ts {
+            self.next_eviction_ts = self.newest_ts + self.idle_secs / 10.0;
+            let gone = self.windower.evict_idle(self.newest_ts, self.idle_secs);
+            self.metrics.series_evicted.inc_by(gone.len() as u64);
+            self.batch.evicted.extend(gone);
+        }
+        true
+    }
+
+    /// Handles one input line: a record, or a flow that may close buckets. False when scoring is gone.
+    async fn line(&mut self, line: &str, tx: &mpsc::Sender<ToScoring>) -> bool {
+        let parsed = match &mut self.input {
+            RecordInput::Lines(parser) => match parser.parse(line, &self.default_series) {
+                None => return true,
+                Some(parsed) => parsed.map(|r| vec![r]).map_err(|e| (e.reason(), e.to_string())),
+            },
+            RecordInput::Flows(flows) => match parse_flow(line) {
+                Err(e) => Err((e.reason(), e.to_string())),
+                Ok(flow) if !flows.aggregator.add(&flow) => {
+                    Err(("late_flow", format!("host {}: its bucket was already scored", flow.host)))
+                }
+                Ok(_) => Ok(flows.aggregator.closed().into_iter().map(|row| flows.record(row)).collect()),
+            },
+        };
+        match parsed {
+            Ok(records) => self.push_all(records, tx).await,
+            Err((reason, detail)) => {
+                self.discard(reason, &detail);
+                true
+            }
+        }
+    }
+
+    async fn push_all(&mut self, records: Vec<RawRecord>, tx: &mpsc::Sender<ToScoring>) -> bool {
+        for record in records {
+            if !self.push(record, tx).await {
+                return false;
+            }
+        }
+        true
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut swaps: mpsc::Receiver<ModelSwap>, tx: mpsc::Sender<ToScoring>) {
-        let mut batch = self.new_batch();
-        let mut deadline: Option<tokio::time::Instant> = None;
-        let mut newest_ts = f64::NEG_INFINITY;
-        let mut next_eviction_ts = f64::NEG_INFINITY;
         loop {
             // Biased: a reload is applied before more input, and a due batch before new lines.
+            let deadline = self.deadline;
             let input = tokio::select! {
                 biased;
                 Some(swap) = swaps.recv() => {
-                    deadline = None;
-                    if !self.swap(swap, &mut batch, &tx).await { return; }
+                    if !self.swap(swap, &tx).await { return; }
                     continue;
                 }
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded by the if")).await }, if deadline.is_some() => {
-                    deadline = None;
-                    if !self.flush(&mut batch, &tx).await { return; }
+                    if !self.flush(&tx).await { return; }
                     continue;
                 }
                 input = rx.recv() => input,
             };
-            let line = match input {
+            let alive = match input {
                 None => break,
                 Some(Input::Bad { reason, detail }) => {
                     self.discard(reason, &detail);
-                    continue;
+                    true
                 }
-                Some(Input::Line(line) | Input::Header(line)) => line,
+                Some(Input::Line(line) | Input::Header(line)) => self.line(&line, &tx).await,
             };
-            let record = match self.parser.parse(&line, &self.default_series) {
-                None => continue,
-                Some(Ok(r)) => r,
-                Some(Err(e)) => {
-                    self.discard(e.reason(), &e);
-                    continue;
-                }
-            };
-            let pushed = self.windower.push(&record, &mut batch.windows);
-            if pushed.unknown_category {
-                self.metrics.errors.with_label_values(&["window", "unknown_category"]).inc();
-            }
-            // Idle eviction compares event times across series: only real ones (sequence
-            // numbers of time-less inputs count per series and mean nothing across them).
-            if let Some(ts) = record.ts {
-                newest_ts = newest_ts.max(ts);
-            }
-            match pushed.outcome {
-                Outcome::Window { start_ts, end_ts } => {
-                    batch.meta.push(WindowMeta { series: record.series, start_ts, end_ts });
-                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.batch_wait);
-                }
-                Outcome::Dropped(reason) => self.discard(reason.reason(), &format!("series {}", record.series)),
-                Outcome::Buffered => {}
-            }
-            if batch.meta.len() >= self.batch_max {
-                deadline = None;
-                if !self.flush(&mut batch, &tx).await {
-                    return;
-                }
-            }
-            // Scanning for idle series costs O(series): do it each tenth of the idle timeout of
-            // event time.
-            if newest_ts.is_finite() && newest_ts >= next_eviction_ts {
-                next_eviction_ts = newest_ts + self.idle_secs / 10.0;
-                let gone = self.windower.evict_idle(newest_ts, self.idle_secs);
-                self.metrics.series_evicted.inc_by(gone.len() as u64);
-                batch.evicted.extend(gone);
+            if !alive {
+                return;
             }
         }
-        self.flush(&mut batch, &tx).await;
+        // End of input: the buckets still open are complete now.
+        if let RecordInput::Flows(flows) = &mut self.input {
+            let records = flows.aggregator.drain().into_iter().map(|row| flows.record(row)).collect();
+            if !self.push_all(records, &tx).await {
+                return;
+            }
+        }
+        self.flush(&tx).await;
         self.update_gauges();
     }
 
@@ -570,6 +633,25 @@ impl AlertStage {
 
 // === Wiring ===
 
+/// The flow aggregation a flow model was trained with (its bucket width), fed by goflow2 lines.
+fn flow_input(model: &Model, cfg: &Config) -> Result<FlowInput> {
+    let data = &model.meta.training_config.data;
+    if data.format != "goflow2" || data.flow_bucket_secs == 0 {
+        return Err(anyhow!(
+            "source.format: \"goflow2\" needs a flow model (trained on goflow2 records); {} was trained on {:?}",
+            model.meta.name,
+            data.format
+        ));
+    }
+    let pre = Preprocessor::new(&model.meta);
+    let order = pre
+        .fields()
+        .iter()
+        .map(|f| FLOW_FEATURES.iter().position(|n| *n == f.name).ok_or_else(|| anyhow!("model field {:?} is not a flow feature", f.name)))
+        .collect::<Result<_>>()?;
+    Ok(FlowInput { aggregator: FlowAggregator::new(data.flow_bucket_secs, cfg.source.flow_lateness_secs), order })
+}
+
 fn open_sink(cfg: &Config) -> Result<Box<dyn Write + Send>> {
     Ok(match cfg.alerts.sink {
         SinkKind::Stdout => Box::new(std::io::stdout()),
@@ -644,10 +726,11 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let mut reader = BufReader::new(reader);
     let delimiter = cfg.source.csv_delimiter.chars().next().expect("validated: one character");
     let parser = match cfg.source.format {
-        RecordFormat::Ndjson => LineParser::Ndjson(map),
-        RecordFormat::Influx => LineParser::Influx(map),
+        RecordFormat::Goflow2 => None,
+        RecordFormat::Ndjson => Some(LineParser::Ndjson(map)),
+        RecordFormat::Influx => Some(LineParser::Influx(map)),
         RecordFormat::Csv if cfg.source.csv_columns.is_empty() && cfg.source.kind == SourceKind::Stdin => {
-            LineParser::CsvHeaderNext { map, delimiter }
+            Some(LineParser::CsvHeaderNext { map, delimiter })
         }
         RecordFormat::Csv => {
             let header = if cfg.source.csv_columns.is_empty() {
@@ -658,7 +741,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
             } else {
                 cfg.source.csv_columns.clone()
             };
-            LineParser::Csv(CsvParser::new(map, &header, delimiter).map_err(|e| anyhow!("source: CSV header: {e}"))?)
+            Some(LineParser::Csv(CsvParser::new(map, &header, delimiter).map_err(|e| anyhow!("source: CSV header: {e}"))?))
         }
     };
 
@@ -676,8 +759,12 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         max_gap_secs: model.meta.window.max_gap_secs,
         nan_policy: model.meta.window.nan_policy,
     };
-    let windows = WindowStage {
-        parser,
+    let input = match parser {
+        Some(parser) => RecordInput::Lines(parser),
+        None => RecordInput::Flows(flow_input(&model, &cfg)?),
+    };
+    let mut windows = WindowStage {
+        input,
         default_series,
         model: in_use.clone(),
         windower: Windower::with_max_series(spec, pre, cfg.windows.max_series),
@@ -689,7 +776,12 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         metrics: metrics.clone(),
         bad: BTreeMap::new(),
         seq: 0,
+        batch: Batch { seq: 0, model: in_use.clone(), windows: Vec::new(), meta: Vec::new(), evicted: Vec::new() },
+        deadline: None,
+        newest_ts: f64::NEG_INFINITY,
+        next_eviction_ts: f64::NEG_INFINITY,
     };
+    windows.batch = windows.new_batch();
     let label_names = map_series.clone();
     let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules(&label_names));
     let alerts = AlertStage { metrics: metrics.clone(), rules: rules_rx, tracker: Tracker::new(cfg.alerting.clone()), sink: open_sink(&cfg)? };
@@ -698,7 +790,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let (swap_tx, swap_rx) = mpsc::channel(1);
     let (batch_tx, batch_rx) = mpsc::channel(cfg.scoring.workers * 2);
     let (scored_tx, scored_rx) = mpsc::channel(cfg.scoring.workers * 2);
-    let header_next = matches!(windows.parser, LineParser::CsvHeaderNext { .. });
+    let header_next = matches!(windows.input, RecordInput::Lines(LineParser::CsvHeaderNext { .. }));
     let source = tokio::spawn(read_source(reader, header_next, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone()));
     let window_task = tokio::spawn(windows.run(line_rx, swap_rx, batch_tx));
     let dispatch_task = tokio::spawn(dispatch(scorers, batch_rx, scored_tx, metrics.clone()));

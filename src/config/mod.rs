@@ -65,6 +65,8 @@ pub enum RecordFormat {
     Ndjson,
     /// InfluxDB line protocol.
     Influx,
+    /// goflow2 flow records, aggregated into per-host buckets for a flow model.
+    Goflow2,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -78,6 +80,8 @@ pub struct SourceConfig {
     /// Records per second for replays; 0 = unthrottled.
     pub replay_rate_per_sec: f64,
     pub series_name: String,
+    /// goflow2: a bucket is scored once flows ending this long after its end have been seen.
+    pub flow_lateness_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -20,6 +20,8 @@ pub struct ModelMeta {
     pub preprocess: PreprocessMeta,
     pub thresholds: ThresholdsMeta,
     #[serde(default)]
+    pub training_config: TrainingConfigMeta,
+    #[serde(default)]
     pub created_at: String,
     #[serde(default)]
     pub trainer_version: String,
@@ -106,4 +108,20 @@ pub struct ThresholdsMeta {
     pub method: String,
     /// The raw score that maps to `anomaly_score = 1.0`.
     pub value: f64,
+}
+
+/// The parts of the trainer's config the daemon needs: how flow records were bucketed.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TrainingConfigMeta {
+    #[serde(default)]
+    pub data: TrainingDataMeta,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TrainingDataMeta {
+    /// `goflow2` for flow models.
+    #[serde(default)]
+    pub format: String,
+    #[serde(default)]
+    pub flow_bucket_secs: u64,
 }
