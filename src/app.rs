@@ -27,6 +27,7 @@ use crate::admin::{self, AdminState};
 use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::{AlertRules, Config, RecordFormat, SinkKind, SourceKind};
 use crate::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
+use crate::source::kafka::{Ack, Acks, KafkaHandle};
 use crate::model::{Model, Scorer, Scores};
 use crate::preprocess::Preprocessor;
 use crate::record::{CsvParser, FieldMap, LineParser, RawRecord, TimeFormat, Value, MAX_LINE_BYTES};
@@ -75,6 +76,8 @@ struct Batch {
     /// Series evicted (idle) since the previous batch: the alert stage forgets them after this
     /// batch's windows, so their per-series state and gauges go too.
     evicted: Vec<String>,
+    /// Kafka offsets handled up to this batch: stored after it is scored.
+    acks: Acks,
 }
 
 struct WindowMeta {
@@ -144,10 +147,11 @@ pub fn validate(cfg: &Config) -> Result<String> {
 // === Source ===
 
 /// One line from the source, or why it could not be one.
-enum Input {
+pub enum Input {
     /// A stream's CSV header line (not a record, not counted as one).
     Header(String),
-    Line(String),
+    /// A record line, with its Kafka position when it came from Kafka.
+    Line(String, Option<Ack>),
     Bad { reason: &'static str, detail: String },
 }
 
@@ -190,7 +194,7 @@ fn finish_line(buf: &mut Vec<u8>, skipped: usize) -> Input {
         buf.pop();
     }
     match String::from_utf8(std::mem::take(buf)) {
-        Ok(line) => Input::Line(line),
+        Ok(line) => Input::Line(line, None),
         Err(_) => Input::Bad { reason: "malformed", detail: "line is not UTF-8".into() },
     }
 }
@@ -214,8 +218,8 @@ async fn read_source<R: AsyncBufRead + Unpin>(
             input = read_line(&mut reader, &mut buf) => input,
         };
         match input {
-            Ok(Some(Input::Line(line))) if line.trim().is_empty() => continue,
-            Ok(Some(Input::Line(line))) if header_next => {
+            Ok(Some(Input::Line(line, _))) if line.trim().is_empty() => continue,
+            Ok(Some(Input::Line(line, _))) if header_next => {
                 header_next = false;
                 if tx.send(Input::Header(line)).await.is_err() {
                     break;
@@ -314,13 +318,14 @@ impl WindowStage {
             windows: Vec::with_capacity(self.batch_max.min(256) * w * f),
             meta: Vec::with_capacity(self.batch_max.min(256)),
             evicted: Vec::new(),
+            acks: Acks::default(),
         }
     }
 
     /// Sends the batch (if it holds anything) and starts a new one; false when scoring is gone.
     async fn flush(&mut self, tx: &mpsc::Sender<ToScoring>) -> bool {
         self.deadline = None;
-        if self.batch.meta.is_empty() && self.batch.evicted.is_empty() {
+        if self.batch.meta.is_empty() && self.batch.evicted.is_empty() && self.batch.acks.is_empty() {
             return true;
         }
         let next = self.new_batch();
@@ -440,7 +445,18 @@ impl WindowStage {
                     self.discard(reason, &detail);
                     true
                 }
-                Some(Input::Line(line) | Input::Header(line)) => self.line(&line, &tx).await,
+                Some(Input::Header(line)) => self.line(&line, &tx).await,
+                Some(Input::Line(line, ack)) => {
+                    let alive = self.line(&line, &tx).await;
+                    if let Some(ack) = ack {
+                        // Handled: dropped, or in the window state with any window it completed
+                        // in this batch. Stored once the batch is scored.
+                        self.batch.acks.add(ack);
+                        let wait = self.batch_wait;
+                        self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                    }
+                    alive
+                }
             };
             if !alive {
                 return;
@@ -529,6 +545,8 @@ async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<ToScoring>, tx: m
 
 struct AlertStage {
     metrics: Arc<Metrics>,
+    /// Kafka source: stores handled offsets after each batch, commits at the end.
+    kafka: Option<KafkaHandle>,
     rules: watch::Receiver<AlertRules>,
     tracker: Tracker,
     sink: Box<dyn Write + Send>,
@@ -551,6 +569,9 @@ impl AlertStage {
             self.handle(scored);
         }
         self.flush();
+        if let Some(kafka) = &self.kafka {
+            kafka.commit();
+        }
     }
 
     fn flush(&mut self) {
@@ -612,6 +633,9 @@ impl AlertStage {
             m.forget_series(series);
         }
         self.flush();
+        if let Some(kafka) = &self.kafka {
+            kafka.store(&batch.acks, &m);
+        }
     }
 
     fn emit(&mut self, event: Event, model: &str) {
@@ -712,18 +736,19 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let in_use = Arc::new(ModelInUse::new(model.clone(), cfg.model.threshold));
     publish_model(&metrics, None, &in_use);
 
-    let (reader, default_series): (Box<dyn AsyncRead + Unpin + Send>, String) = match cfg.source.kind {
+    let (reader, default_series): (Option<Box<dyn AsyncRead + Unpin + Send>>, String) = match cfg.source.kind {
         SourceKind::File => {
             let file = tokio::fs::File::open(&cfg.source.path)
                 .await
                 .with_context(|| format!("source.path: cannot open {}", cfg.source.path.display()))?;
             let name = cfg.source.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            (Box::new(file), name)
+            (Some(Box::new(file)), name)
         }
-        SourceKind::Stdin => (Box::new(tokio::io::stdin()), "stdin".to_string()),
+        SourceKind::Stdin => (Some(Box::new(tokio::io::stdin())), "stdin".to_string()),
+        SourceKind::Kafka => (None, cfg.kafka.topics.join(",")),
     };
     let default_series = if cfg.source.series_name.is_empty() { default_series } else { cfg.source.series_name.clone() };
-    let mut reader = BufReader::new(reader);
+    let mut reader = reader.map(BufReader::new);
     let delimiter = cfg.source.csv_delimiter.chars().next().expect("validated: one character");
     let parser = match cfg.source.format {
         RecordFormat::Goflow2 => None,
@@ -736,6 +761,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
             let header = if cfg.source.csv_columns.is_empty() {
                 // A file's header is there now: a field it lacks is a start-up error.
                 let mut first = String::new();
+                let reader = reader.as_mut().expect("validated: CSV from Kafka names its columns");
                 reader.read_line(&mut first).await.context("source: reading the CSV header")?;
                 CsvParser::header(&first, delimiter)
             } else {
@@ -776,7 +802,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         metrics: metrics.clone(),
         bad: BTreeMap::new(),
         seq: 0,
-        batch: Batch { seq: 0, model: in_use.clone(), windows: Vec::new(), meta: Vec::new(), evicted: Vec::new() },
+        batch: Batch { seq: 0, model: in_use.clone(), windows: Vec::new(), meta: Vec::new(), evicted: Vec::new(), acks: Acks::default() },
         deadline: None,
         newest_ts: f64::NEG_INFINITY,
         next_eviction_ts: f64::NEG_INFINITY,
@@ -784,14 +810,28 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     windows.batch = windows.new_batch();
     let label_names = map_series.clone();
     let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules(&label_names));
-    let alerts = AlertStage { metrics: metrics.clone(), rules: rules_rx, tracker: Tracker::new(cfg.alerting.clone()), sink: open_sink(&cfg)? };
+    let kafka = match cfg.source.kind {
+        SourceKind::Kafka => Some(crate::source::kafka::connect(&cfg.kafka)?),
+        _ => None,
+    };
+    let alerts = AlertStage {
+        metrics: metrics.clone(),
+        kafka: kafka.as_ref().map(|(_, handle)| handle.clone()),
+        rules: rules_rx,
+        tracker: Tracker::new(cfg.alerting.clone()),
+        sink: open_sink(&cfg)?,
+    };
 
     let (line_tx, line_rx) = mpsc::channel(LINE_QUEUE);
     let (swap_tx, swap_rx) = mpsc::channel(1);
     let (batch_tx, batch_rx) = mpsc::channel(cfg.scoring.workers * 2);
     let (scored_tx, scored_rx) = mpsc::channel(cfg.scoring.workers * 2);
     let header_next = matches!(windows.input, RecordInput::Lines(LineParser::CsvHeaderNext { .. }));
-    let source = tokio::spawn(read_source(reader, header_next, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone()));
+    let source = match (reader, kafka) {
+        (Some(reader), _) => tokio::spawn(read_source(reader, header_next, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone())),
+        (None, Some((consumer, _))) => tokio::spawn(consumer.run(line_tx, shutdown.child_token(), metrics.clone())),
+        (None, None) => unreachable!("a source is a reader or a Kafka consumer"),
+    };
     let window_task = tokio::spawn(windows.run(line_rx, swap_rx, batch_tx));
     let dispatch_task = tokio::spawn(dispatch(scorers, batch_rx, scored_tx, metrics.clone()));
     let alert_task = tokio::spawn(alerts.run(scored_rx));

@@ -8,6 +8,7 @@
 //! - [`model`]: bundles (`model.json` + `model.onnx`), validation, one ONNX Runtime session per worker
 //! - [`onnxruntime`]: finding and loading the ONNX Runtime shared library
 //! - [`record`]: CSV / NDJSON payloads → raw records (series, event time, field values)
+//! - [`source`]: the Kafka consumer (offsets stored only for handled records)
 //! - [`preprocess`]: raw field values → scaled feature rows, exactly as the trainer
 //! - [`window`]: per-series windows (order, gaps, NaN policy, stride) per docs/model-contract.md
 //!
@@ -26,5 +27,6 @@ pub mod preprocess;
 pub mod record;
 pub mod reload;
 pub mod signal;
+pub mod source;
 pub mod telemetry;
 pub mod window;

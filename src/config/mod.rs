@@ -38,6 +38,7 @@ pub struct Config {
     #[serde(default)]
     pub alert_overrides: Vec<AlertOverride>,
     pub alerts: AlertsConfig,
+    pub kafka: KafkaConfig,
     pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
 }
@@ -56,6 +57,8 @@ pub struct ModelConfig {
 pub enum SourceKind {
     File,
     Stdin,
+    /// A Kafka consumer group; see `[kafka]`.
+    Kafka,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -214,6 +217,19 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// bootstrap.servers
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    /// Where a new group starts: "earliest" or "latest".
+    pub auto_offset_reset: String,
+    /// Any librdkafka consumer property (TLS, SASL, timeouts, ...), passed through as given.
+    pub properties: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SinkKind {
@@ -302,6 +318,22 @@ impl Config {
         }
         if self.source.kind == SourceKind::File && self.source.path.as_os_str().is_empty() {
             return Err(invalid("source.path", "is empty but source.kind is \"file\""));
+        }
+        if self.source.kind == SourceKind::Kafka {
+            if self.kafka.topics.is_empty() {
+                return Err(invalid("kafka.topics", "name at least one topic"));
+            }
+            if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
+                return Err(invalid("kafka.auto_offset_reset", "must be \"earliest\" or \"latest\""));
+            }
+            for key in ["enable.auto.commit", "enable.auto.offset.store", "group.id", "bootstrap.servers"] {
+                if self.kafka.properties.contains_key(key) {
+                    return Err(invalid(&format!("kafka.properties.{key}"), "is managed by anomalyd (offsets follow scoring)"));
+                }
+            }
+            if self.source.format == RecordFormat::Csv && self.source.csv_columns.is_empty() {
+                return Err(invalid("source.csv_columns", "CSV from Kafka has no header line: name the columns"));
+            }
         }
         if self.source.csv_delimiter.chars().count() != 1 {
             return Err(invalid("source.csv_delimiter", "must be exactly one character"));

@@ -1,0 +1,3 @@
+//! Record sources beyond files and stdin (which `app` reads directly).
+
+pub mod kafka;
