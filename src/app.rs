@@ -27,7 +27,7 @@ use crate::admin::{self, AdminState};
 use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::{AlertRules, Config, RecordFormat, SinkKind, SourceKind};
 use crate::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
-use crate::source::kafka::{Ack, Acks, KafkaHandle};
+use crate::source::kafka::{Ack, Acks, KafkaHandle, OffsetTracker};
 use crate::model::{Model, Scorer, Scores};
 use crate::preprocess::Preprocessor;
 use crate::record::{CsvParser, FieldMap, LineParser, RawRecord, TimeFormat, Value, MAX_LINE_BYTES};
@@ -294,6 +294,10 @@ struct WindowStage {
     /// Newest event time seen, and when to look for idle series next.
     newest_ts: f64,
     next_eviction_ts: f64,
+    /// Kafka input: which offsets a replay must start from; `dirty` once it changed since the
+    /// last batch.
+    offsets: Option<OffsetTracker>,
+    offsets_dirty: bool,
 }
 
 impl WindowStage {
@@ -325,6 +329,10 @@ impl WindowStage {
     /// Sends the batch (if it holds anything) and starts a new one; false when scoring is gone.
     async fn flush(&mut self, tx: &mpsc::Sender<ToScoring>) -> bool {
         self.deadline = None;
+        if self.offsets_dirty {
+            self.offsets_dirty = false;
+            self.batch.acks = self.offsets.as_ref().map(OffsetTracker::safe).unwrap_or_default();
+        }
         if self.batch.meta.is_empty() && self.batch.evicted.is_empty() && self.batch.acks.is_empty() {
             return true;
         }
@@ -357,10 +365,17 @@ impl WindowStage {
     }
 
     /// Windows one record; sends the batch when full. False when scoring is gone.
-    async fn push(&mut self, record: RawRecord, tx: &mpsc::Sender<ToScoring>) -> bool {
+    async fn push(&mut self, record: RawRecord, ack: Option<Ack>, tx: &mpsc::Sender<ToScoring>) -> bool {
         let pushed = self.windower.push(&record, &mut self.batch.windows);
         if pushed.unknown_category {
             self.metrics.errors.with_label_values(&["window", "unknown_category"]).inc();
+        }
+        if let (Some(offsets), Some(ack)) = (&mut self.offsets, ack) {
+            match pushed.outcome {
+                Outcome::Dropped(_) => offsets.dropped(ack),
+                _ => offsets.windowed(ack, &record.series, pushed.held),
+            }
+            self.offsets_dirty = true;
         }
         // Idle eviction compares event times across series: only real ones (sequence
         // numbers of time-less inputs count per series and mean nothing across them).
@@ -385,26 +400,36 @@ impl WindowStage {
             self.next_eviction_ts = self.newest_ts + self.idle_secs / 10.0;
             let gone = self.windower.evict_idle(self.newest_ts, self.idle_secs);
             self.metrics.series_evicted.inc_by(gone.len() as u64);
+            if let Some(offsets) = &mut self.offsets {
+                gone.iter().for_each(|s| offsets.forget(s));
+                self.offsets_dirty = true;
+            }
             self.batch.evicted.extend(gone);
         }
         true
     }
 
     /// Handles one input line: a record, or a flow that may close buckets. False when scoring is gone.
-    async fn line(&mut self, line: &str, tx: &mpsc::Sender<ToScoring>) -> bool {
+    async fn line(&mut self, line: &str, ack: Option<Ack>, tx: &mpsc::Sender<ToScoring>) -> bool {
         let parsed = match &mut self.input {
             RecordInput::Lines(parser) => match parser.parse(line, &self.default_series) {
                 None => return true,
-                Some(parsed) => parsed.map(|r| vec![r]).map_err(|e| (e.reason(), e.to_string())),
+                Some(Ok(record)) => return self.push(record, ack, tx).await,
+                Some(Err(e)) => Err((e.reason(), e.to_string())),
             },
             RecordInput::Flows(flows) => match parse_flow(line) {
                 Err(e) => Err((e.reason(), e.to_string())),
                 Ok(flow) if !flows.aggregator.add(&flow) => {
                     Err(("late_flow", format!("host {}: its bucket was already scored", flow.host)))
                 }
-                Ok(_) => Ok(flows.aggregator.closed().into_iter().map(|row| flows.record(row)).collect()),
+                Ok(_) => Ok(flows.aggregator.closed().into_iter().map(|row| flows.record(row)).collect::<Vec<_>>()),
             },
         };
+        // A flow is handled once aggregated: open buckets are not replayed after a crash.
+        if let (Some(offsets), Some(ack)) = (&mut self.offsets, ack) {
+            offsets.dropped(ack);
+            self.offsets_dirty = true;
+        }
         match parsed {
             Ok(records) => self.push_all(records, tx).await,
             Err((reason, detail)) => {
@@ -416,7 +441,7 @@ impl WindowStage {
 
     async fn push_all(&mut self, records: Vec<RawRecord>, tx: &mpsc::Sender<ToScoring>) -> bool {
         for record in records {
-            if !self.push(record, tx).await {
+            if !self.push(record, None, tx).await {
                 return false;
             }
         }
@@ -445,15 +470,12 @@ impl WindowStage {
                     self.discard(reason, &detail);
                     true
                 }
-                Some(Input::Header(line)) => self.line(&line, &tx).await,
+                Some(Input::Header(line)) => self.line(&line, None, &tx).await,
                 Some(Input::Line(line, ack)) => {
-                    let alive = self.line(&line, &tx).await;
-                    if let Some(ack) = ack {
-                        // Handled: dropped, or in the window state with any window it completed
-                        // in this batch. Stored once the batch is scored.
-                        self.batch.acks.add(ack);
-                        let wait = self.batch_wait;
-                        self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                    let alive = self.line(&line, ack, &tx).await;
+                    if self.offsets_dirty && self.deadline.is_none() {
+                        // Offsets move with batches: make sure one goes even without windows.
+                        self.deadline = Some(tokio::time::Instant::now() + self.batch_wait);
                     }
                     alive
                 }
@@ -550,6 +572,8 @@ struct AlertStage {
     rules: watch::Receiver<AlertRules>,
     tracker: Tracker,
     sink: Box<dyn Write + Send>,
+    /// `alerts.scores_path`: every scored window.
+    scores: Option<Box<dyn Write + Send>>,
 }
 
 impl AlertStage {
@@ -575,6 +599,10 @@ impl AlertStage {
     }
 
     fn flush(&mut self) {
+        if let Some(Err(error)) = self.scores.as_mut().map(|w| w.flush()) {
+            self.metrics.errors.with_label_values(&["alert", "scores_sink"]).inc();
+            error!(%error, "Scores sink flush failed.");
+        }
         if let Err(error) = self.sink.flush() {
             self.metrics.errors.with_label_values(&["alert", "sink"]).inc();
             error!(%error, "Alert sink flush failed.");
@@ -609,6 +637,13 @@ impl AlertStage {
                 m.anomalous_windows.inc();
             }
             m.event_to_score.observe((now - meta.end_ts).max(0.0));
+            if let Some(out) = &mut self.scores {
+                let line = serde_json::json!({"series": meta.series, "window_end_ts": meta.end_ts, "score": score, "anomaly_score": anomaly});
+                if let Err(error) = writeln!(out, "{line}") {
+                    m.errors.with_label_values(&["alert", "scores_sink"]).inc();
+                    error!(%error, "Scores sink write failed.");
+                }
+            }
             let window = &batch.windows[i * w * f..(i + 1) * w * f];
             let obs = Observation {
                 series: &meta.series,
@@ -687,6 +722,18 @@ fn open_sink(cfg: &Config) -> Result<Box<dyn Write + Send>> {
                 .with_context(|| format!("alerts.path: cannot open {}", cfg.alerts.path.display()))?,
         )),
     })
+}
+
+fn open_scores(cfg: &Config) -> Result<Option<Box<dyn Write + Send>>> {
+    if cfg.alerts.scores_path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&cfg.alerts.scores_path)
+        .with_context(|| format!("alerts.scores_path: cannot open {}", cfg.alerts.scores_path.display()))?;
+    Ok(Some(Box::new(std::io::BufWriter::new(file))))
 }
 
 /// One session per worker, each checked with a one-window run, so a bundle that loads but
@@ -806,6 +853,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         deadline: None,
         newest_ts: f64::NEG_INFINITY,
         next_eviction_ts: f64::NEG_INFINITY,
+        offsets: (cfg.source.kind == SourceKind::Kafka).then(OffsetTracker::default),
+        offsets_dirty: false,
     };
     windows.batch = windows.new_batch();
     let label_names = map_series.clone();
@@ -820,6 +869,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         rules: rules_rx,
         tracker: Tracker::new(cfg.alerting.clone()),
         sink: open_sink(&cfg)?,
+        scores: open_scores(&cfg)?,
     };
 
     let (line_tx, line_rx) = mpsc::channel(LINE_QUEUE);

@@ -65,6 +65,9 @@ pub struct Pushed {
     pub outcome: Outcome,
     /// A categorical value unseen in training (the row is kept with that field's one-hot all 0).
     pub unknown_category: bool,
+    /// How many of this series' newest records (this one included) its next window still needs:
+    /// min(rows in segment, W − 1). Meaningless for a dropped record, which changes nothing.
+    pub held: usize,
 }
 
 struct Series {
@@ -138,7 +141,7 @@ impl Windower {
         let n_fields = self.pre.fields().len();
         if !self.series.contains_key(&record.series) {
             if self.series.len() >= self.max_series {
-                return Pushed { outcome: Outcome::Dropped(Dropped::SeriesLimit), unknown_category: false };
+                return Pushed { outcome: Outcome::Dropped(Dropped::SeriesLimit), unknown_category: false, held: 0 };
             }
             self.warming += 1;
         }
@@ -156,7 +159,7 @@ impl Windower {
             state.seq += 1;
             (state.seq - 1) as f64
         });
-        let dropped = |d| Pushed { outcome: Outcome::Dropped(d), unknown_category: false };
+        let dropped = |d| Pushed { outcome: Outcome::Dropped(d), unknown_category: false, held: 0 };
         if ts <= state.last_seen_ts {
             return dropped(Dropped::OutOfOrder);
         }
@@ -202,13 +205,15 @@ impl Windower {
 
         let n = state.rows_in_segment;
         let (w64, s64) = (w as u64, self.spec.stride as u64);
+        // The next window needs the last W-1 rows (fewer while the segment is shorter).
+        let held = n.min(w64 - 1) as usize;
         if n < w64 || (n - w64) % s64 != 0 {
-            return Pushed { outcome: Outcome::Buffered, unknown_category };
+            return Pushed { outcome: Outcome::Buffered, unknown_category, held };
         }
         // Oldest row first: the ring from `next` to the end, then from the start to `next`.
         out.extend_from_slice(&state.ring[state.next * f..]);
         out.extend_from_slice(&state.ring[..state.next * f]);
-        Pushed { outcome: Outcome::Window { start_ts: state.times[state.next], end_ts: ts }, unknown_category }
+        Pushed { outcome: Outcome::Window { start_ts: state.times[state.next], end_ts: ts }, unknown_category, held }
     }
 }
 

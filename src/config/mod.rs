@@ -242,6 +242,8 @@ pub enum SinkKind {
 pub struct AlertsConfig {
     pub sink: SinkKind,
     pub path: PathBuf,
+    /// Every scored window as a JSON line (series, window end, raw and normalised score); "" = off.
+    pub scores_path: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -8,7 +8,7 @@
 //! records refill the windows (series warm up again). On shutdown the stored offsets are
 //! committed synchronously.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -31,18 +31,93 @@ pub struct Ack {
     pub offset: i64,
 }
 
-/// The highest handled offset per (topic, partition) since the last store.
-#[derive(Debug, Default, Clone)]
+/// Offsets to store, per (topic, partition): the last record whose successors a replay must
+/// start from (librdkafka commits the one after it).
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Acks(BTreeMap<(usize, i32), i64>);
 
 impl Acks {
-    pub fn add(&mut self, ack: Ack) {
-        let e = self.0.entry((ack.topic, ack.partition)).or_insert(ack.offset);
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// What a replay must start from so that every window is scored at least once.
+///
+/// Committing the newest handled record is not enough: a replay after a crash would start after
+/// it, and the first W−1 replayed records of a series could not complete their windows. So per
+/// partition the stored offset trails to the oldest record that some series' next window still
+/// needs (`Pushed::held`); with no such record, to the newest handled one.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    /// Per series: positions of the records its next window needs, oldest first.
+    held: HashMap<String, VecDeque<Ack>>,
+    /// Per partition: multiset of the series' oldest held offsets.
+    oldest: BTreeMap<(usize, i32), BTreeMap<i64, u32>>,
+    /// Per partition: the newest handled offset.
+    newest: BTreeMap<(usize, i32), i64>,
+}
+
+impl OffsetTracker {
+    /// A record was dropped (and counted): handled, holds nothing.
+    pub fn dropped(&mut self, ack: Ack) {
+        let e = self.newest.entry((ack.topic, ack.partition)).or_insert(ack.offset);
         *e = (*e).max(ack.offset);
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// A record went into its series' window state; the series now needs its newest `held` records.
+    pub fn windowed(&mut self, ack: Ack, series: &str, held: usize) {
+        self.dropped(ack);
+        let rows = self.held.entry(series.to_string()).or_default();
+        let before = rows.front().copied();
+        rows.push_back(ack);
+        while rows.len() > held {
+            rows.pop_front();
+        }
+        let after = rows.front().copied();
+        if rows.is_empty() {
+            self.held.remove(series);
+        }
+        if before != after {
+            self.unhold(before);
+            if let Some(a) = after {
+                *self.oldest.entry((a.topic, a.partition)).or_default().entry(a.offset).or_default() += 1;
+            }
+        }
+    }
+
+    /// A series left (idle eviction): its rows are no longer needed.
+    pub fn forget(&mut self, series: &str) {
+        if let Some(rows) = self.held.remove(series) {
+            self.unhold(rows.front().copied());
+        }
+    }
+
+    fn unhold(&mut self, ack: Option<Ack>) {
+        let Some(a) = ack else { return };
+        if let Some(set) = self.oldest.get_mut(&(a.topic, a.partition)) {
+            if let Some(n) = set.get_mut(&a.offset) {
+                *n -= 1;
+                if *n == 0 {
+                    set.remove(&a.offset);
+                }
+            }
+        }
+    }
+
+    /// The offsets that are safe to store now (see the type's docs).
+    pub fn safe(&self) -> Acks {
+        let mut out = BTreeMap::new();
+        for (&part, &newest) in &self.newest {
+            let last = match self.oldest.get(&part).and_then(|set| set.keys().next()) {
+                Some(&oldest) => oldest - 1,
+                None => newest,
+            };
+            if last >= 0 {
+                out.insert(part, last);
+            }
+        }
+        Acks(out)
     }
 }
 
@@ -128,5 +203,31 @@ impl KafkaHandle {
             Ok(()) => info!("Kafka offsets committed."),
             Err(error) => error!(%error, "Kafka commit at shutdown failed; records since the last commit will be replayed."),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(offset: i64) -> Ack {
+        Ack { topic: 0, partition: 0, offset }
+    }
+
+    #[test]
+    fn stored_offset_trails_to_the_oldest_row_a_window_still_needs() {
+        let mut t = OffsetTracker::default();
+        // W = 3: each series needs its last 2 records.
+        t.windowed(ack(0), "a", 1);
+        t.windowed(ack(1), "b", 1);
+        t.windowed(ack(2), "a", 2);
+        assert_eq!(t.safe().0.get(&(0, 0)), None, "record 0 is still needed by a: nothing to store");
+        t.windowed(ack(3), "a", 2);
+        assert_eq!(t.safe().0[&(0, 0)], 0, "a needs 2 and 3, b needs 1: replay from 1");
+        t.dropped(ack(4));
+        t.forget("b");
+        assert_eq!(t.safe().0[&(0, 0)], 1, "only a's 2 and 3 are needed");
+        t.forget("a");
+        assert_eq!(t.safe().0[&(0, 0)], 4, "nothing held: everything handled");
     }
 }
