@@ -27,7 +27,8 @@ use crate::admin::{self, AdminState};
 use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::{AlertRules, Config, RecordFormat, SinkKind, SourceKind};
 use crate::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
-use crate::source::kafka::{Ack, Acks, KafkaHandle, OffsetTracker};
+use crate::source::kafka::{Ack, Acks, KafkaHandle, KafkaSinks, OffsetTracker};
+use rdkafka::producer::DeliveryFuture;
 use crate::model::{Model, Scorer, Scores};
 use crate::preprocess::Preprocessor;
 use crate::record::{CsvParser, FieldMap, LineParser, RawRecord, TimeFormat, Value, MAX_LINE_BYTES};
@@ -76,8 +77,11 @@ struct Batch {
     /// Series evicted (idle) since the previous batch: the alert stage forgets them after this
     /// batch's windows, so their per-series state and gauges go too.
     evicted: Vec<String>,
-    /// Kafka offsets handled up to this batch: stored after it is scored.
+    /// Kafka offsets safe to store once this batch is scored.
     acks: Acks,
+    /// Dead letters enqueued since the previous batch, with their reason: delivered before the
+    /// batch's offsets are stored.
+    deliveries: Vec<(DeliveryFuture, &'static str)>,
 }
 
 struct WindowMeta {
@@ -298,6 +302,8 @@ struct WindowStage {
     /// last batch.
     offsets: Option<OffsetTracker>,
     offsets_dirty: bool,
+    /// Kafka outputs, for dead letters.
+    sinks: Option<KafkaSinks>,
 }
 
 impl WindowStage {
@@ -323,6 +329,7 @@ impl WindowStage {
             meta: Vec::with_capacity(self.batch_max.min(256)),
             evicted: Vec::new(),
             acks: Acks::default(),
+            deliveries: Vec::new(),
         }
     }
 
@@ -333,7 +340,8 @@ impl WindowStage {
             self.offsets_dirty = false;
             self.batch.acks = self.offsets.as_ref().map(OffsetTracker::safe).unwrap_or_default();
         }
-        if self.batch.meta.is_empty() && self.batch.evicted.is_empty() && self.batch.acks.is_empty() {
+        let idle = self.batch.acks.is_empty() && self.batch.deliveries.is_empty();
+        if self.batch.meta.is_empty() && self.batch.evicted.is_empty() && idle {
             return true;
         }
         let next = self.new_batch();
@@ -425,7 +433,8 @@ impl WindowStage {
                 Ok(_) => Ok(flows.aggregator.closed().into_iter().map(|row| flows.record(row)).collect::<Vec<_>>()),
             },
         };
-        // A flow is handled once aggregated: open buckets are not replayed after a crash.
+        // Handled now: a bad line once dropped (and dead-lettered), a flow once aggregated (open
+        // buckets are not replayed after a crash).
         if let (Some(offsets), Some(ack)) = (&mut self.offsets, ack) {
             offsets.dropped(ack);
             self.offsets_dirty = true;
@@ -433,9 +442,20 @@ impl WindowStage {
         match parsed {
             Ok(records) => self.push_all(records, tx).await,
             Err((reason, detail)) => {
+                self.dead_letter(line, ack, reason, &detail);
                 self.discard(reason, &detail);
                 true
             }
+        }
+    }
+
+    /// A record that cannot be parsed or mapped goes to the dead-letter topic, if configured.
+    fn dead_letter(&mut self, line: &str, ack: Option<Ack>, reason: &'static str, detail: &str) {
+        let (Some(sinks), Some(ack)) = (&self.sinks, ack) else { return };
+        if let Some(delivery) = sinks.dead_letter(line, ack, reason, detail) {
+            self.batch.deliveries.push((delivery, reason));
+        } else if sinks.dead_letters() {
+            self.metrics.produce_errors.with_label_values(&["dead_letter"]).inc();
         }
     }
 
@@ -574,6 +594,8 @@ struct AlertStage {
     sink: Box<dyn Write + Send>,
     /// `alerts.scores_path`: every scored window.
     scores: Option<Box<dyn Write + Send>>,
+    /// Kafka outputs, for alert events (and flushed at the end).
+    sinks: Option<KafkaSinks>,
 }
 
 impl AlertStage {
@@ -585,16 +607,39 @@ impl AlertStage {
         while let Some(scored) = rx.recv().await {
             waiting.insert(scored.batch.seq, scored);
             while let Some(scored) = waiting.remove(&next) {
-                self.handle(scored);
+                self.complete(scored).await;
                 next += 1;
             }
         }
         for (_, scored) in std::mem::take(&mut waiting) {
-            self.handle(scored);
+            self.complete(scored).await;
         }
         self.flush();
+        if let Some(sinks) = &self.sinks {
+            sinks.flush();
+        }
         if let Some(kafka) = &self.kafka {
             kafka.commit();
+        }
+    }
+
+    /// Handles a batch, then — once its dead letters are delivered — stores its Kafka offsets.
+    async fn complete(&mut self, mut scored: Scored) {
+        let acks = std::mem::take(&mut scored.batch.acks);
+        let deliveries = std::mem::take(&mut scored.batch.deliveries);
+        self.handle(scored);
+        for (delivery, reason) in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => self.metrics.dead_letters.with_label_values(&[reason]).inc(),
+                // The record is counted and logged; holding the partition for it would stall it.
+                _ => {
+                    self.metrics.produce_errors.with_label_values(&["dead_letter"]).inc();
+                    error!(reason, "Dead letter not delivered; the record is only counted.");
+                }
+            }
+        }
+        if let Some(kafka) = &self.kafka {
+            kafka.store(&acks, &self.metrics);
         }
     }
 
@@ -668,9 +713,6 @@ impl AlertStage {
             m.forget_series(series);
         }
         self.flush();
-        if let Some(kafka) = &self.kafka {
-            kafka.store(&batch.acks, &m);
-        }
     }
 
     fn emit(&mut self, event: Event, model: &str) {
@@ -683,6 +725,15 @@ impl AlertStage {
         line["event"] = kind.into();
         line["model"] = model.into();
         info!(series = %alert.series, event = kind, anomaly_score = alert.anomaly_score, "Alert.");
+        if let Some(delivery) = self.sinks.as_ref().and_then(|s| s.alert(&alert.series, &line.to_string())) {
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                if !matches!(delivery.await, Ok(Ok(_))) {
+                    metrics.produce_errors.with_label_values(&["alert"]).inc();
+                    error!("Alert event not delivered to Kafka.");
+                }
+            });
+        }
         if let Err(error) = writeln!(self.sink, "{line}") {
             self.metrics.errors.with_label_values(&["alert", "sink"]).inc();
             error!(%error, "Alert sink write failed.");
@@ -832,6 +883,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         max_gap_secs: model.meta.window.max_gap_secs,
         nan_policy: model.meta.window.nan_policy,
     };
+    let sinks = match cfg.source.kind {
+        SourceKind::Kafka => KafkaSinks::new(&cfg.kafka)?,
+        _ => None,
+    };
     let input = match parser {
         Some(parser) => RecordInput::Lines(parser),
         None => RecordInput::Flows(flow_input(&model, &cfg)?),
@@ -849,12 +904,21 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         metrics: metrics.clone(),
         bad: BTreeMap::new(),
         seq: 0,
-        batch: Batch { seq: 0, model: in_use.clone(), windows: Vec::new(), meta: Vec::new(), evicted: Vec::new(), acks: Acks::default() },
+        batch: Batch {
+            seq: 0,
+            model: in_use.clone(),
+            windows: Vec::new(),
+            meta: Vec::new(),
+            evicted: Vec::new(),
+            acks: Acks::default(),
+            deliveries: Vec::new(),
+        },
         deadline: None,
         newest_ts: f64::NEG_INFINITY,
         next_eviction_ts: f64::NEG_INFINITY,
         offsets: (cfg.source.kind == SourceKind::Kafka).then(OffsetTracker::default),
         offsets_dirty: false,
+        sinks: sinks.clone(),
     };
     windows.batch = windows.new_batch();
     let label_names = map_series.clone();
@@ -870,6 +934,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         tracker: Tracker::new(cfg.alerting.clone()),
         sink: open_sink(&cfg)?,
         scores: open_scores(&cfg)?,
+        sinks: sinks.clone(),
     };
 
     let (line_tx, line_rx) = mpsc::channel(LINE_QUEUE);

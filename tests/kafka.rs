@@ -10,6 +10,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::TopicPartitionList;
 
@@ -40,9 +41,9 @@ fn produce(topic: &str, key: &str, lines: &[&str]) {
     });
 }
 
-/// A daemon config reading CSV lines with `columns` from `topic` as `group`; `extra` continues the
-/// `[source]` section and may add sections of its own.
-fn config(topic: &str, group: &str, columns: &[String], extra: &str) -> String {
+/// A daemon config reading CSV lines with `columns` from `topic` as `group`; `kafka` continues
+/// the `[kafka]` section, `extra` the `[source]` section (and may add sections of its own).
+fn config(topic: &str, group: &str, columns: &[String], kafka: &str, extra: &str) -> String {
     let columns: Vec<String> = columns.iter().map(|c| format!("{c:?}")).collect();
     format!(
         r#"
@@ -54,6 +55,7 @@ listen = "127.0.0.1:{{port}}"
 brokers = "{}"
 topics = ["{topic}"]
 group_id = "{group}"
+{kafka}
 [source]
 kind = "kafka"
 format = "csv"
@@ -64,6 +66,30 @@ csv_columns = [{}]
         brokers(),
         columns.join(", ")
     )
+}
+
+/// A message as the tests look at it: key, payload, headers.
+type Received = (Option<String>, String, Vec<(String, String)>);
+
+/// Up to `want` messages of partition 0 of `topic`, read from the start.
+fn read_all(topic: &str, want: usize) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", "reader").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    while out.len() < want && started.elapsed() < Duration::from_secs(20) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
+            let headers = m
+                .headers()
+                .map(|h| h.iter().map(|x| (x.key.to_string(), text(x.value))).collect())
+                .unwrap_or_default();
+            out.push((m.key().map(|k| text(Some(k))), text(m.payload()), headers));
+        }
+    }
+    out
 }
 
 /// The group's committed offset of partition 0.
@@ -87,7 +113,7 @@ fn produced_records_are_scored_alerted_and_committed() {
     produce(&topic, "pump", &records);
 
     let dir = temp_dir("kafka");
-    let config = config(&topic, &group, &header, "series_name = \"pump\"\n[alerts]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"");
+    let config = config(&topic, &group, &header, "", "series_name = \"pump\"\n[alerts]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"");
     let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "138 windows from Kafka");
     assert_eq!(d.metric("anomalyd_alerts_total{state=\"firing\"}"), Some(1.0));
@@ -137,7 +163,7 @@ scores_path = "{{dir}}/scores-{n}.jsonl"
 "#
         );
         // The killed member's partitions move once the broker gives up on it: keep that short.
-        config(&topic, &group, &columns, &extra)
+        config(&topic, &group, &columns, "", &extra)
             + "[kafka.properties]\n\"auto.commit.interval.ms\" = \"100\"\n\"session.timeout.ms\" = \"6000\"\n"
     };
     let produce_range = |from: usize, to: usize| {
@@ -180,4 +206,44 @@ scores_path = "{{dir}}/scores-{n}.jsonl"
         .filter(|w| !seen.contains(w))
         .collect();
     assert!(missing.is_empty(), "{} windows never scored, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
+}
+
+#[test]
+fn poison_messages_are_dead_lettered_and_alerts_published() {
+    let id = std::process::id();
+    let (topic, dlq, alerts_topic, group) = (format!("in-{id}"), format!("dlq-{id}"), format!("alerts-{id}"), format!("g-{id}"));
+    for t in [&topic, &dlq, &alerts_topic] {
+        create_topic(t, 1);
+    }
+    let csv = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<String> = lines.next().unwrap().split(';').map(String::from).collect();
+    let mut records: Vec<String> = lines.map(String::from).collect();
+    // Three poison messages amid the stream: not CSV, a word for a number, too few columns.
+    let poison = ["\u{1}\u{2} binary junk".to_string(), records[50].replacen(";", ";many;", 1), "2026-01-05 10:00:00;1".to_string()];
+    for (i, p) in [10usize, 60, 120].iter().zip(&poison) {
+        records.insert(*i, p.clone());
+    }
+    produce(&topic, "pump", &records.iter().map(String::as_str).collect::<Vec<_>>());
+    let kafka = format!("dead_letter_topic = \"{dlq}\"\nalerts_topic = \"{alerts_topic}\"");
+    let text = config(&topic, &group, &header, &kafka, "series_name = \"pump\"");
+    let dir = temp_dir("kafka-dlq");
+    let d = Daemon::start(&dir, &text);
+    d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "the good records scored");
+    d.wait_for(|d| d.metric("anomalyd_dead_letters_total{reason=\"missing_field\"}").is_some(), "dead letters delivered");
+    assert_eq!(d.stop(), 0);
+
+    let dead = read_all(&dlq, 3);
+    assert_eq!(dead.len(), 3);
+    for ((_, payload, headers), (offset, original)) in dead.iter().zip([10usize, 60, 120].iter().zip(&poison)) {
+        assert_eq!(payload, original, "original bytes kept");
+        let h = |k: &str| headers.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default();
+        assert_eq!(h("anomalyd.source_topic"), topic);
+        assert_eq!(h("anomalyd.source_offset"), offset.to_string());
+        assert!(!h("anomalyd.error").is_empty() && !h("anomalyd.error_message").is_empty());
+    }
+    let events = read_all(&alerts_topic, 2);
+    assert!(events.iter().any(|(key, payload, _)| key.as_deref() == Some("pump") && payload.contains("\"event\":\"firing\"")));
+    // The poison did not stall the partition: the commit moved past it to the window's rows.
+    assert_eq!(committed(&topic, &group), records.len() as i64 - 31);
 }

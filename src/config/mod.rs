@@ -226,7 +226,11 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Where a new group starts: "earliest" or "latest".
     pub auto_offset_reset: String,
-    /// Any librdkafka consumer property (TLS, SASL, timeouts, ...), passed through as given.
+    /// Records that cannot be parsed or mapped go here with their original bytes; "" = off.
+    pub dead_letter_topic: String,
+    /// Alert events (JSON, keyed by series); "" = off.
+    pub alerts_topic: String,
+    /// Any librdkafka property (TLS, SASL, timeouts, ...), passed through to consumer and producer.
     pub properties: BTreeMap<String, String>,
 }
 

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -126,19 +127,24 @@ pub struct KafkaSource {
     topics: Vec<String>,
 }
 
-/// Creates the consumer and subscribes; returns the reader and the handle that stores offsets.
-pub fn connect(cfg: &KafkaConfig) -> Result<(KafkaSource, KafkaHandle)> {
+fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", &cfg.group_id)
-        .set("auto.offset.reset", &cfg.auto_offset_reset)
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false");
+    client.set("bootstrap.servers", &cfg.brokers);
     for (k, v) in &cfg.properties {
         client.set(k, v);
     }
-    let consumer: StreamConsumer = client.create().context("kafka: creating the consumer")?;
+    client
+}
+
+/// Creates the consumer and subscribes; returns the reader and the handle that stores offsets.
+pub fn connect(cfg: &KafkaConfig) -> Result<(KafkaSource, KafkaHandle)> {
+    let consumer: StreamConsumer = client_config(cfg)
+        .set("group.id", &cfg.group_id)
+        .set("auto.offset.reset", &cfg.auto_offset_reset)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .context("kafka: creating the consumer")?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).context("kafka: subscribing")?;
     let consumer = Arc::new(consumer);
@@ -146,6 +152,63 @@ pub fn connect(cfg: &KafkaConfig) -> Result<(KafkaSource, KafkaHandle)> {
         KafkaSource { consumer: consumer.clone(), topics: cfg.topics.clone() },
         KafkaHandle { consumer, topics: cfg.topics.clone() },
     ))
+}
+
+/// The Kafka outputs: dead letters and alert events, through one idempotent producer.
+#[derive(Clone)]
+pub struct KafkaSinks {
+    producer: FutureProducer,
+    topics: Vec<String>,
+    dead_letter_topic: Option<String>,
+    alerts_topic: Option<String>,
+}
+
+impl KafkaSinks {
+    /// `None` when no output topic is configured.
+    pub fn new(cfg: &KafkaConfig) -> Result<Option<KafkaSinks>> {
+        let topic = |t: &str| (!t.is_empty()).then(|| t.to_string());
+        let (dead_letter_topic, alerts_topic) = (topic(&cfg.dead_letter_topic), topic(&cfg.alerts_topic));
+        if dead_letter_topic.is_none() && alerts_topic.is_none() {
+            return Ok(None);
+        }
+        let producer: FutureProducer = client_config(cfg)
+            .set("enable.idempotence", "true")
+            .create()
+            .context("kafka: creating the producer")?;
+        Ok(Some(KafkaSinks { producer, topics: cfg.topics.clone(), dead_letter_topic, alerts_topic }))
+    }
+
+    pub fn dead_letters(&self) -> bool {
+        self.dead_letter_topic.is_some()
+    }
+
+    /// The original bytes, with headers naming the error and where the record came from.
+    pub fn dead_letter(&self, payload: &str, ack: Ack, reason: &str, error: &str) -> Option<DeliveryFuture> {
+        let topic = self.dead_letter_topic.as_ref()?;
+        let (partition, offset) = (ack.partition.to_string(), ack.offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "anomalyd.error", value: Some(reason) })
+            .insert(Header { key: "anomalyd.error_message", value: Some(error) })
+            .insert(Header { key: "anomalyd.source_topic", value: Some(self.topics[ack.topic].as_str()) })
+            .insert(Header { key: "anomalyd.source_partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "anomalyd.source_offset", value: Some(offset.as_str()) });
+        let record = FutureRecord::<(), str>::to(topic).payload(payload).headers(headers);
+        self.producer.send_result(record).map_err(|(e, _)| warn!(error = %e, "Dead letter not enqueued.")).ok()
+    }
+
+    /// Waits (bounded) for everything enqueued to be delivered: at shutdown, before the commit.
+    pub fn flush(&self) {
+        if let Err(error) = self.producer.flush(std::time::Duration::from_secs(10)) {
+            error!(%error, "Kafka producer flush at shutdown failed; some output may be lost.");
+        }
+    }
+
+    /// An alert event, keyed by series so one series' events stay in order.
+    pub fn alert(&self, series: &str, event: &str) -> Option<DeliveryFuture> {
+        let topic = self.alerts_topic.as_ref()?;
+        let record = FutureRecord::to(topic).key(series).payload(event);
+        self.producer.send_result(record).map_err(|(e, _)| warn!(error = %e, "Alert not enqueued.")).ok()
+    }
 }
 
 impl KafkaSource {

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub model_loaded: Gauge,
     pub ready: IntGauge,
     pub reloads: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub produce_errors: IntCounterVec,
     /// Series that own per-series gauges (the cardinality cap).
     exported: Mutex<HashSet<String>>,
     max_series_metrics: usize,
@@ -138,6 +140,13 @@ impl Metrics {
             ),
             ready: gauge(&r, "anomalyd_ready", "1 once config, model and source are up."),
             reloads: counter_vec(&r, "anomalyd_reloads_total", "Config and model reloads, by result (ok, error).", &["result"]),
+            dead_letters: counter_vec(&r, "anomalyd_dead_letters_total", "Records sent to the dead-letter topic, by reason.", &["reason"]),
+            produce_errors: counter_vec(
+                &r,
+                "anomalyd_kafka_produce_errors_total",
+                "Kafka messages not delivered, by output (dead_letter, alert).",
+                &["output"],
+            ),
             anomaly_score,
             alert_firing,
             model_info,
