@@ -924,7 +924,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let label_names = map_series.clone();
     let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules(&label_names));
     let kafka = match cfg.source.kind {
-        SourceKind::Kafka => Some(crate::source::kafka::connect(&cfg.kafka)?),
+        SourceKind::Kafka => Some(crate::source::kafka::connect(&cfg.kafka, metrics.clone())?),
         _ => None,
     };
     let alerts = AlertStage {

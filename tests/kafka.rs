@@ -113,11 +113,15 @@ fn produced_records_are_scored_alerted_and_committed() {
     produce(&topic, "pump", &records);
 
     let dir = temp_dir("kafka");
-    let config = config(&topic, &group, &header, "", "series_name = \"pump\"\n[alerts]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"");
+    let config = config(&topic, &group, &header, "", "series_name = \"pump\"\n[alerts]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"")
+        + "[kafka.properties]\n\"statistics.interval.ms\" = \"200\"\n";
     let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "138 windows from Kafka");
     assert_eq!(d.metric("anomalyd_alerts_total{state=\"firing\"}"), Some(1.0));
     assert_eq!(d.metric("anomalyd_records_discarded_total{reason=\"out_of_order\"}"), Some(1.0));
+    assert_eq!(d.metric("anomalyd_kafka_rebalances_total{kind=\"assign\"}"), Some(1.0));
+    let lag = format!("anomalyd_kafka_consumer_lag_messages{{partition=\"0\",topic=\"{topic}\"}}");
+    d.wait_for(|d| d.metric(&lag) == Some(0.0), "consumer lag 0 from librdkafka statistics");
     assert_eq!(d.stop(), 0);
     // Every record was handled, but the series' next window still needs its last W − 1 = 31
     // records: the committed offset trails to the oldest of them, so a restart refills the window.

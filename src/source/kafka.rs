@@ -12,8 +12,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
+use rdkafka::TopicPartitionList;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::mpsc;
@@ -123,7 +127,7 @@ impl OffsetTracker {
 }
 
 pub struct KafkaSource {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<ObservedConsumer>,
     topics: Vec<String>,
 }
 
@@ -136,14 +140,72 @@ fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     client
 }
 
+/// librdkafka's callbacks as metrics: consumer lag per partition (from its statistics),
+/// rebalances and commits.
+pub struct Observed {
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for Observed {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            // Lag is what is not yet read: high watermark minus the next offset to fetch.
+            // librdkafka's own consumer_lag counts from the committed offset, which trails by
+            // the rows windows still hold (Kafka offsets in docs/ARCHITECTURE.md).
+            // Partition -1 is librdkafka's internal "unassigned" bucket; -1 offsets are unknown.
+            for (p, part) in t.partitions.iter().filter(|(p, part)| **p >= 0 && part.app_offset >= 0 && part.hi_offset >= 0) {
+                let lag = (part.hi_offset - part.app_offset).max(0);
+                self.metrics.consumer_lag.with_label_values(&[topic, &p.to_string()]).set(lag);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Observed {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let kind = match rebalance {
+            Rebalance::Assign(tpl) => {
+                info!(partitions = tpl.count(), "Kafka partitions assigned.");
+                "assign"
+            }
+            Rebalance::Revoke(tpl) => {
+                for e in tpl.elements() {
+                    let _ = self.metrics.consumer_lag.remove_label_values(&[e.topic(), &e.partition().to_string()]);
+                }
+                info!(partitions = tpl.count(), "Kafka partitions revoked.");
+                "revoke"
+            }
+            Rebalance::Error(error) => {
+                warn!(%error, "Kafka rebalance error.");
+                "error"
+            }
+        };
+        self.metrics.rebalances.with_label_values(&[kind]).inc();
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.commits.with_label_values(&[label]).inc();
+        if let Err(error) = result {
+            warn!(%error, "Kafka offset commit failed; it is retried with the next one.");
+        }
+    }
+}
+
+type ObservedConsumer = StreamConsumer<Observed>;
+
 /// Creates the consumer and subscribes; returns the reader and the handle that stores offsets.
-pub fn connect(cfg: &KafkaConfig) -> Result<(KafkaSource, KafkaHandle)> {
-    let consumer: StreamConsumer = client_config(cfg)
+pub fn connect(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<(KafkaSource, KafkaHandle)> {
+    let mut client = client_config(cfg);
+    if !cfg.properties.contains_key("statistics.interval.ms") {
+        client.set("statistics.interval.ms", "5000");
+    }
+    let consumer: ObservedConsumer = client
         .set("group.id", &cfg.group_id)
         .set("auto.offset.reset", &cfg.auto_offset_reset)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        .create()
+        .create_with_context(Observed { metrics })
         .context("kafka: creating the consumer")?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).context("kafka: subscribing")?;
@@ -244,7 +306,7 @@ impl KafkaSource {
 /// What the alert stage keeps to store offsets and to commit at shutdown.
 #[derive(Clone)]
 pub struct KafkaHandle {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<ObservedConsumer>,
     topics: Vec<String>,
 }
 

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub produce_errors: IntCounterVec,
+    pub consumer_lag: IntGaugeVec,
+    pub rebalances: IntCounterVec,
+    pub commits: IntCounterVec,
     /// Series that own per-series gauges (the cardinality cap).
     exported: Mutex<HashSet<String>>,
     max_series_metrics: usize,
@@ -141,6 +144,17 @@ impl Metrics {
             ready: gauge(&r, "anomalyd_ready", "1 once config, model and source are up."),
             reloads: counter_vec(&r, "anomalyd_reloads_total", "Config and model reloads, by result (ok, error).", &["result"]),
             dead_letters: counter_vec(&r, "anomalyd_dead_letters_total", "Records sent to the dead-letter topic, by reason.", &["reason"]),
+            consumer_lag: {
+                let g = IntGaugeVec::new(
+                    Opts::new("anomalyd_kafka_consumer_lag_messages", "Messages behind the partition's end, from librdkafka statistics."),
+                    &["topic", "partition"],
+                )
+                .expect("metric name is valid");
+                r.register(Box::new(g.clone())).expect("metric registered once");
+                g
+            },
+            rebalances: counter_vec(&r, "anomalyd_kafka_rebalances_total", "Consumer group rebalances, by kind (assign, revoke, error).", &["kind"]),
+            commits: counter_vec(&r, "anomalyd_kafka_commits_total", "Offset commits, by result (ok, error).", &["result"]),
             produce_errors: counter_vec(
                 &r,
                 "anomalyd_kafka_produce_errors_total",
