@@ -255,10 +255,6 @@ impl Tracker {
         self.policy = policy;
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
     /// Feed one window (windows of a series in event-time order); returns the event it causes, if any.
     pub fn observe(&mut self, obs: &Observation) -> Option<Event> {
         let policy = self.policy.clone();
@@ -569,7 +565,6 @@ mod tests {
         let events = feed(&mut t, "a", 0.0, &[HIT, CLEAN, CLEAN]);
         assert!(fired(&events[0]));
         t.set_policy(policy(1, 1, 3, 0.0));
-        assert_eq!(t.policy().resolve_after, 3);
         assert_eq!((t.state("a"), t.firing()), (AlertState::Firing, 1));
         let events = feed(&mut t, "a", 3.0, &[CLEAN]);
         let Some(Event::Resolved(alert)) = &events[0] else { panic!("3rd clean under K = 3: {events:?}") };

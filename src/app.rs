@@ -712,6 +712,7 @@ impl AlertStage {
             }
             m.forget_series(series);
         }
+        m.alerts_firing.set(self.tracker.firing() as i64);
         self.flush();
     }
 

@@ -75,17 +75,13 @@ struct TrainingInput {
     header: Option<Vec<String>>,
 }
 
-fn training_input(model: &Model, pre: &Preprocessor) -> Result<TrainingInput> {
-    let text = std::fs::read_to_string(model.dir.join("model.json"))?;
-    let json: serde_json::Value = serde_json::from_str(&text)?;
-    let data = &json["training_config"]["data"];
+fn training_input(model: &Model, pre: &Preprocessor) -> TrainingInput {
+    let data = &model.meta.training_config.data;
     let timestamp = model.meta.preprocess.timestamp.as_ref().map(|t| (t.column.clone(), TimeFormat::parse(&t.format)));
-    let delimiter = data["csv_delimiter"].as_str().and_then(|s| s.chars().next()).unwrap_or(',');
-    let header = (data["csv_header"].as_bool() == Some(false)).then(|| {
-        data["column_names"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
-    });
+    let delimiter = data.csv_delimiter.chars().next().unwrap_or(',');
+    let header = (!data.csv_header).then(|| data.column_names.clone());
     let map = FieldMap { timestamp, series: model.meta.preprocess.series_columns.clone(), fields: pre.fields().to_vec() };
-    Ok(TrainingInput { map, delimiter, header })
+    TrainingInput { map, delimiter, header }
 }
 
 struct Output {
@@ -132,7 +128,7 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     let env = crate::onnxruntime::init(args.onnxruntime.as_deref())?;
     let mut scorer = Scorer::new(&env, &model).map_err(|e| anyhow::anyhow!("{}: {e}", model.onnx_path.display()))?;
     let pre = Preprocessor::new(&model.meta);
-    let input = training_input(&model, &pre)?;
+    let input = training_input(&model, &pre);
     let names = model.meta.features.clone();
     let spec = WindowSpec {
         length: model.window_len(),

@@ -110,18 +110,36 @@ pub struct ThresholdsMeta {
     pub value: f64,
 }
 
-/// The parts of the trainer's config the daemon needs: how flow records were bucketed.
+/// The parts of the trainer's config the daemon needs: how records were read (the defaults of
+/// `anomalyd score`) and how flow records were bucketed.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct TrainingConfigMeta {
     #[serde(default)]
     pub data: TrainingDataMeta,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct TrainingDataMeta {
     /// `goflow2` for flow models.
     #[serde(default)]
     pub format: String,
     #[serde(default)]
     pub flow_bucket_secs: u64,
+    #[serde(default)]
+    pub csv_delimiter: String,
+    /// false: the CSV had no header line and `column_names` named the columns.
+    #[serde(default = "yes")]
+    pub csv_header: bool,
+    #[serde(default)]
+    pub column_names: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for TrainingDataMeta {
+    fn default() -> TrainingDataMeta {
+        TrainingDataMeta { format: String::new(), flow_bucket_secs: 0, csv_delimiter: String::new(), csv_header: true, column_names: Vec::new() }
+    }
 }

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub windows_scored: IntCounter,
     pub anomalous_windows: IntCounter,
     pub alerts: IntCounterVec,
+    pub alerts_firing: IntGauge,
     pub errors: IntCounterVec,
     pub inference_duration: Histogram,
     pub inference_batch: Histogram,
@@ -113,6 +114,7 @@ impl Metrics {
             windows_scored: counter(&r, "anomalyd_windows_scored_total", "Windows scored by the model."),
             anomalous_windows: counter(&r, "anomalyd_anomalous_windows_total", "Scored windows with anomaly_score > 1."),
             alerts: counter_vec(&r, "anomalyd_alerts_total", "Alert events, by state (firing, resolved).", &["state"]),
+            alerts_firing: gauge(&r, "anomalyd_alerts_firing", "Series whose alert is firing now (all series, not capped)."),
             errors: counter_vec(&r, "anomalyd_errors_total", "Errors, by stage and type.", &["stage", "error_type"]),
             inference_duration: histogram(
                 &r,

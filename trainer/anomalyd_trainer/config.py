@@ -8,7 +8,6 @@ naming the key. Relative data paths are resolved against the config file's folde
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -234,7 +233,3 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("[data].column_names", "a headerless CSV needs column_names")
     if d.flow_bucket_secs < 1:
         bad("[data].flow_bucket_secs", "must be >= 1")
-
-
-def dumps(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)
