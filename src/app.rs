@@ -27,7 +27,7 @@ use crate::admin::{self, AdminState};
 use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::{AlertRules, Config, RecordFormat, SinkKind, SourceKind};
 use crate::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
-use crate::source::kafka::{Ack, Acks, KafkaHandle, KafkaSinks, OffsetTracker};
+use crate::source::kafka::{Ack, Acks, Committer, KafkaSinks, OffsetTracker, Origin, Output, Pending, Topics};
 use rdkafka::producer::DeliveryFuture;
 use crate::model::{Model, Scorer, Scores};
 use crate::preprocess::Preprocessor;
@@ -38,7 +38,7 @@ use crate::window::{Outcome, WindowSpec, Windower};
 /// Lines buffered between the source and the window task.
 const LINE_QUEUE: usize = 4096;
 /// At most one warning per this many bad records of a kind (the rest are counted, and logged at debug).
-const LOG_EVERY: u64 = 1000;
+pub(crate) const LOG_EVERY: u64 = 1000;
 
 /// The model a batch was windowed for and is scored with. Swapped by a reload; every batch
 /// carries its own, so scaling, scoring and threshold always belong together.
@@ -79,9 +79,9 @@ struct Batch {
     evicted: Vec<String>,
     /// Kafka offsets safe to store once this batch is scored.
     acks: Acks,
-    /// Dead letters enqueued since the previous batch, with their reason: delivered before the
-    /// batch's offsets are stored.
-    deliveries: Vec<(DeliveryFuture, &'static str)>,
+    /// Dead letters enqueued since the previous batch: delivered before the batch's offsets are
+    /// stored.
+    deliveries: Vec<(DeliveryFuture, Output)>,
 }
 
 struct WindowMeta {
@@ -120,7 +120,13 @@ pub fn field_map(cfg: &Config, model: &Model, pre: &Preprocessor) -> Result<Fiel
             f.name = renamed.clone();
         }
     }
-    let series = if m.series_fields.is_empty() { model.meta.preprocess.series_columns.clone() } else { m.series_fields.clone() };
+    let series = if cfg.source.kind == SourceKind::Kafka && cfg.kafka.series_from_key {
+        Vec::new() // the key is the series
+    } else if m.series_fields.is_empty() {
+        model.meta.preprocess.series_columns.clone()
+    } else {
+        m.series_fields.clone()
+    };
     for (i, o) in cfg.alert_overrides.iter().enumerate() {
         if let Some(name) = o.labels.keys().find(|name| !series.contains(name)) {
             return Err(anyhow!("alert_overrides[{i}].labels.{name}: not a series field (series fields: {series:?})"));
@@ -154,8 +160,12 @@ pub fn validate(cfg: &Config) -> Result<String> {
 pub enum Input {
     /// A stream's CSV header line (not a record, not counted as one).
     Header(String),
-    /// A record line, with its Kafka position when it came from Kafka.
-    Line(String, Option<Ack>),
+    /// A record line, with its Kafka position and key when it came from Kafka.
+    Line(String, Option<Origin>),
+    /// A Kafka message whose payload is not UTF-8 (dead-lettered as it is).
+    Undecodable(Vec<u8>, Origin),
+    /// Partitions this consumer no longer owns (after the records it read from them).
+    Revoked(Vec<(usize, i32)>),
     Bad { reason: &'static str, detail: String },
 }
 
@@ -304,6 +314,8 @@ struct WindowStage {
     offsets_dirty: bool,
     /// Kafka outputs, for dead letters.
     sinks: Option<KafkaSinks>,
+    /// `kafka.series_from_key`: the message key names the series.
+    series_from_key: bool,
 }
 
 impl WindowStage {
@@ -418,13 +430,21 @@ impl WindowStage {
     }
 
     /// Handles one input line: a record, or a flow that may close buckets. False when scoring is gone.
-    async fn line(&mut self, line: &str, ack: Option<Ack>, tx: &mpsc::Sender<ToScoring>) -> bool {
+    async fn line(&mut self, line: &str, origin: Option<Origin>, tx: &mpsc::Sender<ToScoring>) -> bool {
+        let ack = origin.as_ref().map(|o| o.ack);
         let parsed = match &mut self.input {
-            RecordInput::Lines(parser) => match parser.parse(line, &self.default_series) {
-                None => return true,
-                Some(Ok(record)) => return self.push(record, ack, tx).await,
-                Some(Err(e)) => Err((e.reason(), e.to_string())),
-            },
+            RecordInput::Lines(parser) => {
+                let series = match (self.series_from_key, origin.as_ref()) {
+                    (true, Some(o)) => o.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()),
+                    _ => Some(self.default_series.as_str()),
+                };
+                match series.map(|series| parser.parse(line, series)) {
+                    None => Err(("missing_key", "the message has no UTF-8 key to name its series (kafka.series_from_key)".to_string())),
+                    Some(None) => return true,
+                    Some(Some(Ok(record))) => return self.push(record, ack, tx).await,
+                    Some(Some(Err(e))) => Err((e.reason(), e.to_string())),
+                }
+            }
             RecordInput::Flows(flows) => match parse_flow(line) {
                 Err(e) => Err((e.reason(), e.to_string())),
                 Ok(flow) if !flows.aggregator.add(&flow) => {
@@ -433,30 +453,51 @@ impl WindowStage {
                 Ok(_) => Ok(flows.aggregator.closed().into_iter().map(|row| flows.record(row)).collect::<Vec<_>>()),
             },
         };
-        // Handled now: a bad line once dropped (and dead-lettered), a flow once aggregated (open
-        // buckets are not replayed after a crash).
-        if let (Some(offsets), Some(ack)) = (&mut self.offsets, ack) {
-            offsets.dropped(ack);
-            self.offsets_dirty = true;
-        }
         match parsed {
-            Ok(records) => self.push_all(records, tx).await,
+            Ok(records) => {
+                // A flow is handled once aggregated: open buckets are not replayed after a crash.
+                if let Some(ack) = ack {
+                    self.handled(ack);
+                }
+                self.push_all(records, tx).await
+            }
             Err((reason, detail)) => {
-                self.dead_letter(line, ack, reason, &detail);
-                self.discard(reason, &detail);
+                self.reject(line.as_bytes(), origin.as_ref(), reason, &detail).await;
                 true
             }
         }
     }
 
-    /// A record that cannot be parsed or mapped goes to the dead-letter topic, if configured.
-    fn dead_letter(&mut self, line: &str, ack: Option<Ack>, reason: &'static str, detail: &str) {
-        let (Some(sinks), Some(ack)) = (&self.sinks, ack) else { return };
-        if let Some(delivery) = sinks.dead_letter(line, ack, reason, detail) {
-            self.batch.deliveries.push((delivery, reason));
-        } else if sinks.dead_letters() {
-            self.metrics.produce_errors.with_label_values(&["dead_letter"]).inc();
+    /// A Kafka record that holds no window rows: its offset may move past it.
+    fn handled(&mut self, ack: Ack) {
+        if let Some(offsets) = &mut self.offsets {
+            offsets.dropped(ack);
+            self.offsets_dirty = true;
         }
+    }
+
+    /// A record that cannot be parsed or mapped: counted, logged, and dead-lettered if configured.
+    async fn reject(&mut self, payload: &[u8], origin: Option<&Origin>, reason: &'static str, detail: &str) {
+        self.discard(reason, &detail);
+        let Some(origin) = origin else { return };
+        self.handled(origin.ack);
+        let Some(sinks) = self.sinks.as_ref().filter(|s| s.dead_letters()) else { return };
+        match sinks.dead_letter(payload, origin, reason, detail).await {
+            Some(delivery) => self.batch.deliveries.push((delivery, Output::DeadLetter(reason))),
+            None => self.metrics.produce_errors.with_label_values(&["dead_letter"]).inc(),
+        }
+    }
+
+    /// Partitions went to another consumer: their series' window state goes (the new owner
+    /// rebuilds it from the committed offsets), and the alert stage forgets them.
+    async fn revoke(&mut self, partitions: &[(usize, i32)], tx: &mpsc::Sender<ToScoring>) -> bool {
+        let Some(offsets) = &mut self.offsets else { return true };
+        let gone = offsets.revoke(partitions);
+        self.offsets_dirty = true;
+        self.windower.drop_series(&gone);
+        info!(partitions = partitions.len(), series = gone.len(), "Dropped the window state of revoked partitions' series.");
+        self.batch.evicted.extend(gone);
+        self.flush(tx).await
     }
 
     async fn push_all(&mut self, records: Vec<RawRecord>, tx: &mpsc::Sender<ToScoring>) -> bool {
@@ -491,15 +532,17 @@ impl WindowStage {
                     true
                 }
                 Some(Input::Header(line)) => self.line(&line, None, &tx).await,
-                Some(Input::Line(line, ack)) => {
-                    let alive = self.line(&line, ack, &tx).await;
-                    if self.offsets_dirty && self.deadline.is_none() {
-                        // Offsets move with batches: make sure one goes even without windows.
-                        self.deadline = Some(tokio::time::Instant::now() + self.batch_wait);
-                    }
-                    alive
+                Some(Input::Line(line, origin)) => self.line(&line, origin, &tx).await,
+                Some(Input::Undecodable(payload, origin)) => {
+                    self.reject(&payload, Some(&origin), "malformed", "the payload is not UTF-8").await;
+                    true
                 }
+                Some(Input::Revoked(partitions)) => self.revoke(&partitions, &tx).await,
             };
+            if self.offsets_dirty && self.deadline.is_none() {
+                // Offsets move with batches: make sure one goes even without windows.
+                self.deadline = Some(tokio::time::Instant::now() + self.batch_wait);
+            }
             if !alive {
                 return;
             }
@@ -587,14 +630,14 @@ async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<ToScoring>, tx: m
 
 struct AlertStage {
     metrics: Arc<Metrics>,
-    /// Kafka source: stores handled offsets after each batch, commits at the end.
-    kafka: Option<KafkaHandle>,
+    /// Kafka source: each handled batch's outputs and offsets go to the committer.
+    committer: Option<mpsc::Sender<Pending>>,
     rules: watch::Receiver<AlertRules>,
     tracker: Tracker,
     sink: Box<dyn Write + Send>,
     /// `alerts.scores_path`: every scored window.
     scores: Option<Box<dyn Write + Send>>,
-    /// Kafka outputs, for alert events (and flushed at the end).
+    /// Kafka outputs, for scores and alert events.
     sinks: Option<KafkaSinks>,
 }
 
@@ -615,31 +658,16 @@ impl AlertStage {
             self.complete(scored).await;
         }
         self.flush();
-        if let Some(sinks) = &self.sinks {
-            sinks.flush();
-        }
-        if let Some(kafka) = &self.kafka {
-            kafka.commit();
-        }
     }
 
-    /// Handles a batch, then — once its dead letters are delivered — stores its Kafka offsets.
+    /// Handles a batch, then hands what it produced on Kafka and its offsets to the committer,
+    /// which stores the offsets once the outputs are delivered.
     async fn complete(&mut self, mut scored: Scored) {
         let acks = std::mem::take(&mut scored.batch.acks);
-        let deliveries = std::mem::take(&mut scored.batch.deliveries);
-        self.handle(scored);
-        for (delivery, reason) in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => self.metrics.dead_letters.with_label_values(&[reason]).inc(),
-                // The record is counted and logged; holding the partition for it would stall it.
-                _ => {
-                    self.metrics.produce_errors.with_label_values(&["dead_letter"]).inc();
-                    error!(reason, "Dead letter not delivered; the record is only counted.");
-                }
-            }
-        }
-        if let Some(kafka) = &self.kafka {
-            kafka.store(&acks, &self.metrics);
+        let mut deliveries = std::mem::take(&mut scored.batch.deliveries);
+        self.handle(scored, &mut deliveries).await;
+        if let Some(committer) = &self.committer {
+            let _ = committer.send(Pending { deliveries, acks }).await;
         }
     }
 
@@ -654,7 +682,7 @@ impl AlertStage {
         }
     }
 
-    fn handle(&mut self, scored: Scored) {
+    async fn handle(&mut self, scored: Scored, out: &mut Vec<(DeliveryFuture, Output)>) {
         let m = self.metrics.clone();
         let batch = scored.batch;
         let scores = match scored.scores {
@@ -682,11 +710,22 @@ impl AlertStage {
                 m.anomalous_windows.inc();
             }
             m.event_to_score.observe((now - meta.end_ts).max(0.0));
-            if let Some(out) = &mut self.scores {
-                let line = serde_json::json!({"series": meta.series, "window_end_ts": meta.end_ts, "score": score, "anomaly_score": anomaly});
-                if let Err(error) = writeln!(out, "{line}") {
+            let to_kafka = self.sinks.as_ref().filter(|s| s.scores());
+            if self.scores.is_some() || to_kafka.is_some() {
+                let line = serde_json::json!({
+                    "series": meta.series, "window_start_ts": meta.start_ts, "window_end_ts": meta.end_ts,
+                    "score": score, "anomaly_score": anomaly, "model": model.name,
+                })
+                .to_string();
+                if let Some(Err(error)) = self.scores.as_mut().map(|w| writeln!(w, "{line}")) {
                     m.errors.with_label_values(&["alert", "scores_sink"]).inc();
                     error!(%error, "Scores sink write failed.");
+                }
+                if let Some(sinks) = to_kafka {
+                    match sinks.score(&meta.series, &line).await {
+                        Some(delivery) => out.push((delivery, Output::Score)),
+                        None => m.produce_errors.with_label_values(&["score"]).inc(),
+                    }
                 }
             }
             let window = &batch.windows[i * w * f..(i + 1) * w * f];
@@ -701,14 +740,14 @@ impl AlertStage {
                 latest: &window[(w - 1) * f..],
             };
             if let Some(event) = self.tracker.observe_with(&obs, &rules.policy_for(&meta.series)) {
-                self.emit(event, &model.name);
+                self.emit(event, &model.name, out).await;
             }
             let firing = self.tracker.state(&meta.series) == AlertState::Firing;
             m.series_score(&meta.series, anomaly, firing);
         }
         for series in &batch.evicted {
             if self.tracker.forget(series) {
-                info!(series = %series, "Idle series evicted while its alert was firing.");
+                info!(series = %series, "Series dropped (idle, or its partition revoked) while its alert was firing.");
             }
             m.forget_series(series);
         }
@@ -716,7 +755,7 @@ impl AlertStage {
         self.flush();
     }
 
-    fn emit(&mut self, event: Event, model: &str) {
+    async fn emit(&mut self, event: Event, model: &str, out: &mut Vec<(DeliveryFuture, Output)>) {
         let (kind, alert) = match &event {
             Event::Fired(a) => ("firing", a),
             Event::Resolved(a) => ("resolved", a),
@@ -726,14 +765,12 @@ impl AlertStage {
         line["event"] = kind.into();
         line["model"] = model.into();
         info!(series = %alert.series, event = kind, anomaly_score = alert.anomaly_score, "Alert.");
-        if let Some(delivery) = self.sinks.as_ref().and_then(|s| s.alert(&alert.series, &line.to_string())) {
-            let metrics = self.metrics.clone();
-            tokio::spawn(async move {
-                if !matches!(delivery.await, Ok(Ok(_))) {
-                    metrics.produce_errors.with_label_values(&["alert"]).inc();
-                    error!("Alert event not delivered to Kafka.");
-                }
-            });
+        if let Some(sinks) = &self.sinks {
+            match sinks.alert(&alert.series, &line.to_string()).await {
+                Some(delivery) => out.push((delivery, Output::Alert)),
+                None if sinks.alerts() => self.metrics.produce_errors.with_label_values(&["alert"]).inc(),
+                None => {}
+            }
         }
         if let Err(error) = writeln!(self.sink, "{line}") {
             self.metrics.errors.with_label_values(&["alert", "sink"]).inc();
@@ -884,8 +921,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         max_gap_secs: model.meta.window.max_gap_secs,
         nan_policy: model.meta.window.nan_policy,
     };
+    let topics = Topics::default();
     let sinks = match cfg.source.kind {
-        SourceKind::Kafka => KafkaSinks::new(&cfg.kafka)?,
+        SourceKind::Kafka => KafkaSinks::new(&cfg.kafka, topics.clone())?,
         _ => None,
     };
     let input = match parser {
@@ -920,17 +958,24 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         offsets: (cfg.source.kind == SourceKind::Kafka).then(OffsetTracker::default),
         offsets_dirty: false,
         sinks: sinks.clone(),
+        series_from_key: cfg.kafka.series_from_key,
     };
     windows.batch = windows.new_batch();
     let label_names = map_series.clone();
     let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules(&label_names));
-    let kafka = match cfg.source.kind {
-        SourceKind::Kafka => Some(crate::source::kafka::connect(&cfg.kafka, metrics.clone())?),
-        _ => None,
+    let (kafka, committer) = match cfg.source.kind {
+        SourceKind::Kafka => {
+            let (consumer, handle) = crate::source::kafka::connect(&cfg.kafka, topics, metrics.clone())?;
+            let (tx, rx) = mpsc::channel(cfg.scoring.workers * 2);
+            let committer = Committer { handle, sinks: sinks.clone(), metrics: metrics.clone() };
+            (Some(consumer), Some((tx, tokio::spawn(committer.run(rx)))))
+        }
+        _ => (None, None),
     };
+    let (committer_tx, committer_task) = committer.unzip();
     let alerts = AlertStage {
         metrics: metrics.clone(),
-        kafka: kafka.as_ref().map(|(_, handle)| handle.clone()),
+        committer: committer_tx,
         rules: rules_rx,
         tracker: Tracker::new(cfg.alerting.clone()),
         sink: open_sink(&cfg)?,
@@ -945,7 +990,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let header_next = matches!(windows.input, RecordInput::Lines(LineParser::CsvHeaderNext { .. }));
     let source = match (reader, kafka) {
         (Some(reader), _) => tokio::spawn(read_source(reader, header_next, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone())),
-        (None, Some((consumer, _))) => tokio::spawn(consumer.run(line_tx, shutdown.child_token(), metrics.clone())),
+        (None, Some(consumer)) => tokio::spawn(consumer.run(line_tx, shutdown.child_token(), metrics.clone())),
         (None, None) => unreachable!("a source is a reader or a Kafka consumer"),
     };
     let window_task = tokio::spawn(windows.run(line_rx, swap_rx, batch_tx));
@@ -971,6 +1016,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         let _ = window_task.await;
         let _ = dispatch_task.await;
         let _ = alert_task.await;
+        if let Some(committer) = committer_task {
+            let _ = committer.await;
+        }
     };
     tokio::pin!(pipeline);
     // A replay that ends keeps serving /metrics until asked to stop.

@@ -121,7 +121,6 @@ impl Windower {
 
     /// Drops series whose last record is older than `now_ts - idle_secs`; returns their names.
     pub fn evict_idle(&mut self, now_ts: f64, idle_secs: f64) -> Vec<String> {
-        let w = self.spec.length as u64;
         let mut gone = Vec::new();
         self.series.retain(|name, s| {
             let keep = s.last_seen_ts >= now_ts - idle_secs;
@@ -130,9 +129,22 @@ impl Windower {
             }
             keep
         });
-        // Recount rather than track per eviction: eviction is rare and the count must stay exact.
-        self.warming = self.series.values().filter(|s| s.rows_in_segment < w).count();
+        self.recount_warming();
         gone
+    }
+
+    /// Drops these series' state (their partition went to another consumer).
+    pub fn drop_series(&mut self, names: &[String]) {
+        for name in names {
+            self.series.remove(name);
+        }
+        self.recount_warming();
+    }
+
+    /// Recounted rather than tracked per removal: removals are rare and the count must stay exact.
+    fn recount_warming(&mut self) {
+        let w = self.spec.length as u64;
+        self.warming = self.series.values().filter(|s| s.rows_in_segment < w).count();
     }
 
     /// Feeds one record; when it completes a window, appends `W × F` f32 (oldest row first) to `out`.

@@ -1,11 +1,14 @@
-//! The Kafka source against a real Apache Kafka broker (scripts/kafka, started by scripts/test,
-//! which exports ANOMALYD_TEST_KAFKA=host:port).
+//! The Kafka source and outputs against a real Apache Kafka broker: the one scripts/test starts
+//! (it exports ANOMALYD_TEST_KAFKA=host:port), or, for the outage test, one of its own.
 
 mod common;
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::{repo, temp_dir, Daemon};
+use common::{assert_flow_alert, attacked_host_minutes, repo, temp_dir, Daemon};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -14,36 +17,123 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::TopicPartitionList;
 
-fn brokers() -> String {
-    std::env::var("ANOMALYD_TEST_KAFKA")
-        .expect("ANOMALYD_TEST_KAFKA=host:port of a real broker: run scripts/test, or scripts/kafka start and export it")
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-    let results = runtime().block_on(admin.create_topics(&[topic], &AdminOptions::new())).unwrap();
-    results.into_iter().for_each(|r| {
-        r.unwrap();
-    });
+/// A message as the tests look at it: key, payload, headers.
+type Received = (Option<String>, String, Vec<(String, String)>);
+
+/// One record to produce: key, payload, and the partition when the test picks it.
+type Record = (String, String, Option<i32>);
+
+/// A real broker, by its bootstrap address.
+struct Cluster {
+    bootstrap: String,
 }
 
-fn produce(topic: &str, key: &str, lines: &[&str]) {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    runtime().block_on(async {
-        for line in lines {
-            producer.send(FutureRecord::to(topic).key(key).payload(*line), Duration::from_secs(10)).await.unwrap();
+impl Cluster {
+    fn shared() -> Cluster {
+        let bootstrap = std::env::var("ANOMALYD_TEST_KAFKA")
+            .expect("ANOMALYD_TEST_KAFKA=host:port of a real broker: run scripts/test, or scripts/kafka start and export it");
+        Cluster { bootstrap }
+    }
+
+    /// The SASL_PLAINTEXT listener scripts/kafka opens at the plain port + 2.
+    fn sasl_bootstrap(&self) -> String {
+        let (host, port) = self.bootstrap.rsplit_once(':').unwrap();
+        format!("{host}:{}", port.parse::<u16>().unwrap() + 2)
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        c
+    }
+
+    fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = self.client().create().unwrap();
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for result in runtime().block_on(admin.create_topics(&[topic], &AdminOptions::new())).unwrap() {
+            result.unwrap();
         }
-    });
+    }
+
+    /// Produces in order and waits for every delivery (an idempotent producer: no duplicates
+    /// when it retries, e.g. across a broker outage).
+    fn produce(&self, topic: &str, records: &[Record]) {
+        let producer: FutureProducer = self.client().set("enable.idempotence", "true").create().unwrap();
+        runtime().block_on(async {
+            let mut pending = Vec::new();
+            for (key, payload, partition) in records {
+                let mut r = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_str());
+                r.partition = *partition;
+                pending.push(producer.send_result(r).map_err(|(e, _)| e).unwrap());
+            }
+            for p in pending {
+                p.await.unwrap().unwrap();
+            }
+        });
+    }
+
+    /// Every message of partition 0 of `topic` up to its current end.
+    fn read_all(&self, topic: &str) -> Vec<Received> {
+        let consumer: BaseConsumer = self.client().set("group.id", "test-reader").create().unwrap();
+        let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let started = Instant::now();
+        while (out.len() as i64) < high - low && started.elapsed() < Duration::from_secs(30) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
+                let headers = m
+                    .headers()
+                    .map(|h| h.iter().map(|x| (x.key.to_string(), text(x.value))).collect())
+                    .unwrap_or_default();
+                out.push((m.key().map(|k| text(Some(k))), text(m.payload()), headers));
+            }
+        }
+        assert_eq!(out.len() as i64, high - low, "read all of {topic}");
+        out
+    }
+
+    /// The group's committed offset of `topic`'s partition 0.
+    fn committed(&self, topic: &str, group: &str) -> i64 {
+        let consumer: BaseConsumer = self.client().set("group.id", group).create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, 0);
+        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        got.elements()[0].offset().to_raw().unwrap_or(-1)
+    }
+
+    /// Polls the scores topic until every `(series, window_end_ts)` of `want` is on it; returns
+    /// those still missing after `timeout`.
+    fn wait_for_scores(&self, scores_topic: &str, want: &[(String, i64)], timeout: Duration) -> Vec<(String, i64)> {
+        let started = Instant::now();
+        loop {
+            let seen: HashSet<(String, i64)> = self
+                .read_all(scores_topic)
+                .iter()
+                .map(|(key, payload, _)| {
+                    let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+                    assert_eq!(key.as_deref(), v["series"].as_str(), "scores are keyed by series");
+                    (v["series"].as_str().unwrap().to_string(), v["window_end_ts"].as_f64().unwrap() as i64)
+                })
+                .collect();
+            let missing: Vec<_> = want.iter().filter(|w| !seen.contains(*w)).cloned().collect();
+            if missing.is_empty() || started.elapsed() > timeout {
+                return missing;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
 }
 
 /// A daemon config reading CSV lines with `columns` from `topic` as `group`; `kafka` continues
 /// the `[kafka]` section, `extra` the `[source]` section (and may add sections of its own).
-fn config(topic: &str, group: &str, columns: &[String], kafka: &str, extra: &str) -> String {
+fn config(brokers: &str, topic: &str, group: &str, columns: &[String], kafka: &str, extra: &str) -> String {
     let columns: Vec<String> = columns.iter().map(|c| format!("{c:?}")).collect();
     format!(
         r#"
@@ -52,7 +142,7 @@ path = "models/skab-convae"
 [admin]
 listen = "127.0.0.1:{{port}}"
 [kafka]
-brokers = "{}"
+brokers = "{brokers}"
 topics = ["{topic}"]
 group_id = "{group}"
 {kafka}
@@ -63,191 +153,357 @@ csv_delimiter = ";"
 csv_columns = [{}]
 {extra}
 "#,
-        brokers(),
         columns.join(", ")
     )
 }
 
-/// A message as the tests look at it: key, payload, headers.
-type Received = (Option<String>, String, Vec<(String, String)>);
+/// The sample stream: its CSV header and its 201 record lines.
+fn sample() -> (Vec<String>, Vec<String>) {
+    let csv = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap().split(';').map(String::from).collect();
+    (header, lines.map(String::from).collect())
+}
 
-/// Up to `want` messages of partition 0 of `topic`, read from the start.
-fn read_all(topic: &str, want: usize) -> Vec<Received> {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", "reader").create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let started = std::time::Instant::now();
-    while out.len() < want && started.elapsed() < Duration::from_secs(20) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
-            let headers = m
-                .headers()
-                .map(|h| h.iter().map(|x| (x.key.to_string(), text(x.value))).collect())
-                .unwrap_or_default();
-            out.push((m.key().map(|k| text(Some(k))), text(m.payload()), headers));
+fn keyed(key: &str, lines: &[String]) -> Vec<Record> {
+    lines.iter().map(|l| (key.to_string(), l.clone(), None)).collect()
+}
+
+/// `n` series of `rows` rows each with the sample's sensor values, interleaved row by row and
+/// keyed by series ("s0", "s1", ...); the payload is `ts;series;values…`, or `ts;values…` when
+/// the key alone names the series. Returns the CSV columns and the records.
+fn interleaved(n: usize, rows: usize, series_column: bool) -> (Vec<String>, Vec<Record>) {
+    let (header, lines) = sample();
+    let values: Vec<&str> = lines.iter().map(|l| l.split_once(';').unwrap().1).collect();
+    let mut records = Vec::new();
+    for i in 0..rows {
+        for s in 0..n {
+            let series = format!("s{s}");
+            let column = if series_column { format!("{series};") } else { String::new() };
+            let payload = format!("{};{column}{}", 1_700_000_000 + i, values[(i * n + s) % values.len()]);
+            records.push((series, payload, None));
         }
     }
-    out
+    let mut columns = vec!["ts".to_string()];
+    if series_column {
+        columns.push("series".to_string());
+    }
+    columns.extend(header.into_iter().skip(1));
+    (columns, records)
 }
 
-/// The group's committed offset of partition 0.
-fn committed(topic: &str, group: &str) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", group).create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, 0);
-    let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    got.elements()[0].offset().to_raw().unwrap_or(-1)
+/// Every window of `n` series whose rows `from..to` end (W = 32 rows, one row per second).
+fn windows(n: usize, from: usize, to: usize) -> Vec<(String, i64)> {
+    (0..n).flat_map(|s| (from.max(31)..to).map(move |i| (format!("s{s}"), 1_700_000_000 + i as i64))).collect()
 }
+
+const TIME_MAPPING: &str = "[mapping]\ntimestamp_field = \"ts\"\ntimestamp_format = \"unix_s\"\n";
 
 #[test]
 fn produced_records_are_scored_alerted_and_committed() {
+    let c = Cluster::shared();
     let topic = format!("metrics-{}", std::process::id());
     let group = format!("anomalyd-{}", std::process::id());
-    create_topic(&topic, 1);
-    let csv = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
-    let mut lines = csv.lines();
-    let header: Vec<String> = lines.next().unwrap().split(';').map(String::from).collect();
-    let records: Vec<&str> = lines.collect();
-    produce(&topic, "pump", &records);
+    c.create_topic(&topic, 1);
+    let (header, records) = sample();
+    c.produce(&topic, &keyed("pump", &records));
 
     let dir = temp_dir("kafka");
-    let config = config(&topic, &group, &header, "", "series_name = \"pump\"\n[alerts]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"")
+    let config = config(&c.bootstrap, &topic, &group, &header, "", "series_name = \"pump\"\n[alerts]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"")
         + "[kafka.properties]\n\"statistics.interval.ms\" = \"200\"\n";
     let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "138 windows from Kafka");
     assert_eq!(d.metric("anomalyd_alerts_total{state=\"firing\"}"), Some(1.0));
     assert_eq!(d.metric("anomalyd_records_discarded_total{reason=\"out_of_order\"}"), Some(1.0));
     assert_eq!(d.metric("anomalyd_kafka_rebalances_total{kind=\"assign\"}"), Some(1.0));
+    assert_eq!(d.metric("anomalyd_kafka_assigned_partitions"), Some(1.0));
     let lag = format!("anomalyd_kafka_consumer_lag_messages{{partition=\"0\",topic=\"{topic}\"}}");
     d.wait_for(|d| d.metric(&lag) == Some(0.0), "consumer lag 0 from librdkafka statistics");
     assert_eq!(d.stop(), 0);
     // Every record was handled, but the series' next window still needs its last W − 1 = 31
     // records: the committed offset trails to the oldest of them, so a restart refills the window.
-    assert_eq!(committed(&topic, &group), records.len() as i64 - 31);
-}
-
-/// Five series of 400 rows each, interleaved, with the sample's sensor values, keyed by series.
-fn five_series() -> (Vec<String>, Vec<String>, Vec<String>) {
-    let csv = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
-    let mut lines = csv.lines();
-    let header: Vec<String> = lines.next().unwrap().split(';').skip(1).map(String::from).collect();
-    let values: Vec<&str> = lines.map(|l| l.split_once(';').unwrap().1).collect();
-    let (mut keys, mut rows) = (Vec::new(), Vec::new());
-    for i in 0..400 {
-        for s in 0..5 {
-            keys.push(format!("s{s}"));
-            rows.push(format!("{};s{s};{}", 1_700_000_000 + i, values[(i * 5 + s) % values.len()]));
-        }
-    }
-    let mut columns = vec!["ts".to_string(), "series".to_string()];
-    columns.extend(header);
-    (columns, keys, rows)
+    assert_eq!(c.committed(&topic, &group), records.len() as i64 - 31);
 }
 
 #[test]
-fn after_kill_9_every_window_is_scored_at_least_once() {
-    let topic = format!("crash-{}", std::process::id());
-    let group = format!("anomalyd-crash-{}", std::process::id());
-    create_topic(&topic, 1);
-    let (columns, keys, rows) = five_series();
+fn after_kill_9_every_window_is_on_the_scores_topic() {
+    let c = Cluster::shared();
+    let id = std::process::id();
+    let (topic, scores, group) = (format!("crash-{id}"), format!("crash-scores-{id}"), format!("anomalyd-crash-{id}"));
+    c.create_topic(&topic, 1);
+    c.create_topic(&scores, 1);
+    let (columns, records) = interleaved(5, 400, true);
     let dir = temp_dir("kafka-crash");
-    let config = |n: usize| {
-        let extra = format!(
-            r#"
-[mapping]
-timestamp_field = "ts"
-timestamp_format = "unix_s"
-series_fields = ["series"]
-[alerts]
-sink = "file"
-path = "{{dir}}/alerts.jsonl"
-scores_path = "{{dir}}/scores-{n}.jsonl"
-"#
-        );
-        // The killed member's partitions move once the broker gives up on it: keep that short.
-        config(&topic, &group, &columns, "", &extra)
-            + "[kafka.properties]\n\"auto.commit.interval.ms\" = \"100\"\n\"session.timeout.ms\" = \"6000\"\n"
-    };
-    let produce_range = |from: usize, to: usize| {
-        let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-        runtime().block_on(async {
-            for i in from..to {
-                producer.send(FutureRecord::to(&topic).key(&keys[i]).payload(&rows[i]), Duration::from_secs(10)).await.unwrap();
-            }
-        });
-    };
+    let kafka = format!("scores_topic = \"{scores}\"");
+    let extra = format!("{TIME_MAPPING}series_fields = [\"series\"]\n");
+    // The killed member's partition moves once the broker gives up on it: keep that short.
+    let config = config(&c.bootstrap, &topic, &group, &columns, &kafka, &extra)
+        + "[kafka.properties]\n\"auto.commit.interval.ms\" = \"100\"\n\"session.timeout.ms\" = \"6000\"\n";
 
     // First half; the daemon scores it, commits (every 100 ms), and is killed without warning.
-    produce_range(0, 1000);
-    let mut d = Daemon::start(&dir, &config(1));
+    c.produce(&topic, &records[..1000]);
+    let mut d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total").is_some_and(|v| v >= 5.0 * (200.0 - 31.0)), "first half scored");
     std::thread::sleep(Duration::from_millis(500));
     d.child.kill().unwrap();
     d.child.wait().unwrap();
-    let committed_at_crash = committed(&topic, &group);
+    let committed_at_crash = c.committed(&topic, &group);
     assert!(committed_at_crash > 0 && committed_at_crash < 1000, "committed {committed_at_crash}");
 
-    // Second half, and a new daemon in the same group: it replays from the committed offset.
-    produce_range(1000, 2000);
-    let d = Daemon::start(&dir, &config(2));
+    // Second half, and a new daemon in the same group: it replays from the committed offset and
+    // the replayed rows refill the windows before new ones are scored.
+    c.produce(&topic, &records[1000..]);
+    let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_records_received_total") == Some(2000.0 - committed_at_crash as f64), "the replay");
-    d.wait_for(|d| d.metric("anomalyd_windows_scored_total").is_some_and(|v| v > 0.0), "scoring after restart");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(d.stop(), 0);
-
-    let mut seen = std::collections::HashSet::new();
-    for n in [1, 2] {
-        for line in std::fs::read_to_string(dir.join(format!("scores-{n}.jsonl"))).unwrap_or_default().lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            seen.insert((v["series"].as_str().unwrap().to_string(), v["window_end_ts"].as_f64().unwrap() as i64));
-        }
-    }
-    // Every series' windows end at its rows 32..400 (W = 32): all of them, across both runs.
-    let missing: Vec<_> = (0..5)
-        .flat_map(|s| (31..400).map(move |i| (format!("s{s}"), 1_700_000_000 + i)))
-        .filter(|w| !seen.contains(w))
-        .collect();
+    let missing = c.wait_for_scores(&scores, &windows(5, 0, 400), Duration::from_secs(30));
     assert!(missing.is_empty(), "{} windows never scored, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
+    assert_eq!(d.metric("anomalyd_series_warming"), Some(0.0));
+    assert_eq!(d.stop(), 0);
 }
 
 #[test]
 fn poison_messages_are_dead_lettered_and_alerts_published() {
+    let c = Cluster::shared();
     let id = std::process::id();
     let (topic, dlq, alerts_topic, group) = (format!("in-{id}"), format!("dlq-{id}"), format!("alerts-{id}"), format!("g-{id}"));
     for t in [&topic, &dlq, &alerts_topic] {
-        create_topic(t, 1);
+        c.create_topic(t, 1);
     }
-    let csv = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
-    let mut lines = csv.lines();
-    let header: Vec<String> = lines.next().unwrap().split(';').map(String::from).collect();
-    let mut records: Vec<String> = lines.map(String::from).collect();
-    // Three poison messages amid the stream: not CSV, a word for a number, too few columns.
+    let (header, mut records) = sample();
+    // Three poison messages amid the stream, each with the wrong number of columns.
     let poison = ["\u{1}\u{2} binary junk".to_string(), records[50].replacen(";", ";many;", 1), "2026-01-05 10:00:00;1".to_string()];
     for (i, p) in [10usize, 60, 120].iter().zip(&poison) {
         records.insert(*i, p.clone());
     }
-    produce(&topic, "pump", &records.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut messages = keyed("pump", &records);
+    // And one that is not even UTF-8: its exact bytes must reach the dead-letter topic too.
+    let producer: FutureProducer = c.client().create().unwrap();
     let kafka = format!("dead_letter_topic = \"{dlq}\"\nalerts_topic = \"{alerts_topic}\"");
-    let text = config(&topic, &group, &header, &kafka, "series_name = \"pump\"");
+    let text = config(&c.bootstrap, &topic, &group, &header, &kafka, "series_name = \"pump\"");
+    c.produce(&topic, &messages[..150]);
+    runtime().block_on(async {
+        let record = FutureRecord::<str, [u8]>::to(&topic).key("pump").payload(&[0xff, 0xfe, b';', 0x80]);
+        producer.send(record, Duration::from_secs(10)).await.unwrap();
+    });
+    c.produce(&topic, &messages.split_off(150));
     let dir = temp_dir("kafka-dlq");
     let d = Daemon::start(&dir, &text);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "the good records scored");
-    d.wait_for(|d| d.metric("anomalyd_dead_letters_total{reason=\"missing_field\"}").is_some(), "dead letters delivered");
+    let delivered = |d: &Daemon, reason: &str| d.metric(&format!("anomalyd_dead_letters_total{{reason=\"{reason}\"}}"));
+    d.wait_for(
+        |d| delivered(d, "missing_field") == Some(3.0) && delivered(d, "malformed") == Some(1.0),
+        "four dead letters delivered",
+    );
     assert_eq!(d.stop(), 0);
 
-    let dead = read_all(&dlq, 3);
-    assert_eq!(dead.len(), 3);
-    for ((_, payload, headers), (offset, original)) in dead.iter().zip([10usize, 60, 120].iter().zip(&poison)) {
-        assert_eq!(payload, original, "original bytes kept");
+    let dead = c.read_all(&dlq);
+    assert_eq!(dead.len(), 4);
+    let offsets = [10usize, 60, 120, 150];
+    let originals = poison.iter().cloned().chain([String::from_utf8_lossy(&[0xff, 0xfe, b';', 0x80]).into_owned()]);
+    for ((key, payload, headers), (offset, original)) in dead.iter().zip(offsets.iter().zip(originals)) {
+        assert_eq!(payload, &original, "original bytes kept");
+        assert_eq!(key.as_deref(), Some("pump"), "original key kept");
         let h = |k: &str| headers.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default();
         assert_eq!(h("anomalyd.source_topic"), topic);
+        assert_eq!(h("anomalyd.source_partition"), "0");
         assert_eq!(h("anomalyd.source_offset"), offset.to_string());
         assert!(!h("anomalyd.error").is_empty() && !h("anomalyd.error_message").is_empty());
     }
-    let events = read_all(&alerts_topic, 2);
+    let events = c.read_all(&alerts_topic);
     assert!(events.iter().any(|(key, payload, _)| key.as_deref() == Some("pump") && payload.contains("\"event\":\"firing\"")));
     // The poison did not stall the partition: the commit moved past it to the window's rows.
-    assert_eq!(committed(&topic, &group), records.len() as i64 - 31);
+    assert_eq!(c.committed(&topic, &group), records.len() as i64 + 1 - 31);
+}
+
+#[test]
+fn flow_records_alert_on_the_attacking_host_through_kafka() {
+    let c = Cluster::shared();
+    let id = std::process::id();
+    let (topic, alerts_topic, group) = (format!("flows-{id}"), format!("flow-alerts-{id}"), format!("flows-g-{id}"));
+    c.create_topic(&topic, 1);
+    c.create_topic(&alerts_topic, 1);
+    let flows = std::fs::read_to_string(repo().join("contracts/flows-vae/records.ndjson")).unwrap();
+    let lines: Vec<String> = flows.lines().map(String::from).collect();
+    c.produce(&topic, &keyed("collector-1", &lines));
+    let config = format!(
+        r#"
+[model]
+path = "models/flows-vae"
+[admin]
+listen = "127.0.0.1:{{port}}"
+[kafka]
+brokers = "{}"
+topics = ["{topic}"]
+group_id = "{group}"
+alerts_topic = "{alerts_topic}"
+[source]
+kind = "kafka"
+format = "goflow2"
+"#,
+        c.bootstrap
+    );
+    let dir = temp_dir("kafka-flows");
+    let d = Daemon::start(&dir, &config);
+    // A stream does not end: every bucket but each host's newest closes by the watermark.
+    d.wait_for(|d| d.metric("anomalyd_records_received_total") == Some(lines.len() as f64), "all flows read");
+    d.wait_for(|d| d.metric("anomalyd_alerts_total{state=\"firing\"}").is_some(), "an alert");
+    assert_eq!(d.stop(), 0);
+
+    let attacked = attacked_host_minutes();
+    let events = c.read_all(&alerts_topic);
+    let mut fired = 0;
+    for (key, payload, _) in events {
+        let e: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        assert_eq!(key.as_deref(), e["series"].as_str(), "keyed by host");
+        if e["event"] == "firing" {
+            assert_flow_alert(&e, &attacked);
+            fired += 1;
+        }
+    }
+    assert!(fired > 0);
+}
+
+/// The per-series score gauges a daemon exports: the series it owns now.
+fn owned_series(d: &Daemon) -> HashSet<String> {
+    d.metrics()
+        .lines()
+        .filter_map(|l| l.strip_prefix("anomalyd_anomaly_score{series=\"")?.split_once('"').map(|(s, _)| s.to_string()))
+        .collect()
+}
+
+#[test]
+fn two_daemons_split_four_partitions_and_hand_over() {
+    let c = Cluster::shared();
+    let id = std::process::id();
+    let (topic, scores, group) = (format!("split-{id}"), format!("split-scores-{id}"), format!("split-g-{id}"));
+    c.create_topic(&topic, 4);
+    c.create_topic(&scores, 1);
+    // Eight series keyed by name, two per partition; the key alone names the series.
+    let (columns, mut records) = interleaved(8, 300, false);
+    for r in &mut records {
+        r.2 = Some(r.0[1..].parse::<i32>().unwrap() % 4);
+    }
+    let rows = |from: usize, to: usize| &records[from * 8..to * 8];
+    let kafka = format!("series_from_key = true\nscores_topic = \"{scores}\"");
+    let config = config(&c.bootstrap, &topic, &group, &columns, &kafka, TIME_MAPPING) + "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n";
+    let assigned = |d: &Daemon| d.metric("anomalyd_kafka_assigned_partitions");
+
+    c.produce(&topic, rows(0, 100));
+    let a = Daemon::start(&temp_dir("kafka-split-a"), &config);
+    a.wait_for(|a| assigned(a) == Some(4.0), "a owns all four partitions");
+    let b = Daemon::start(&temp_dir("kafka-split-b"), &config);
+    b.wait_for(|b| assigned(b) == Some(2.0) && assigned(&a) == Some(2.0), "two partitions each");
+    assert!(a.metric("anomalyd_kafka_rebalances_total{kind=\"revoke\"}").is_some(), "a gave two partitions up");
+
+    // Both score their own partitions' series, and together all of them.
+    c.produce(&topic, rows(100, 200));
+    let missing = c.wait_for_scores(&scores, &windows(8, 0, 200), Duration::from_secs(30));
+    assert!(missing.is_empty(), "{} windows never scored, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
+    let (sa, sb) = (owned_series(&a), owned_series(&b));
+    assert_eq!((sa.len(), sb.len()), (4, 4), "a: {sa:?}, b: {sb:?}");
+    assert!(sa.is_disjoint(&sb));
+
+    // b leaves: a takes its partitions over, rebuilds their windows from the committed offsets
+    // and scores every later window of all eight series.
+    assert_eq!(b.stop(), 0);
+    a.wait_for(|a| assigned(a) == Some(4.0), "a owns all four partitions again");
+    c.produce(&topic, rows(200, 300));
+    let missing = c.wait_for_scores(&scores, &windows(8, 200, 300), Duration::from_secs(30));
+    assert!(missing.is_empty(), "{} windows never scored after the hand-over, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
+    assert_eq!(owned_series(&a).len(), 8);
+    assert_eq!(a.stop(), 0);
+}
+
+#[test]
+fn sasl_listener_authenticates_and_a_wrong_password_is_reported() {
+    let c = Cluster::shared();
+    let id = std::process::id();
+    let (topic, alerts_topic) = (format!("sasl-{id}"), format!("sasl-alerts-{id}"));
+    c.create_topic(&topic, 1);
+    c.create_topic(&alerts_topic, 1);
+    let (header, records) = sample();
+    c.produce(&topic, &keyed("pump", &records));
+    let sasl = |group: &str, password: &str| {
+        config(&c.sasl_bootstrap(), &topic, group, &header, &format!("alerts_topic = \"{alerts_topic}\""), "series_name = \"pump\"")
+            + "[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"PLAIN\"\n"
+            + &format!("\"sasl.username\" = \"anomalyd\"\n\"sasl.password\" = \"{password}\"\n")
+    };
+
+    let d = Daemon::start(&temp_dir("kafka-sasl"), &sasl(&format!("sasl-g-{id}"), "anomalyd-secret"));
+    d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "138 windows through the SASL listener");
+    assert_eq!(d.stop(), 0);
+    assert!(c.read_all(&alerts_topic).iter().any(|(key, _, _)| key.as_deref() == Some("pump")), "alert produced over SASL");
+
+    let d = Daemon::start(&temp_dir("kafka-sasl-wrong"), &sasl(&format!("sasl-wrong-{id}"), "not-the-password"));
+    d.wait_for(|d| d.metric("anomalyd_errors_total{error_type=\"authentication\",stage=\"kafka\"}").is_some(), "the authentication error counted");
+    assert!(d.stderr().contains("Authentication failed"), "{}", d.stderr());
+    assert_eq!(d.metric("anomalyd_records_received_total"), Some(0.0));
+    assert_eq!(d.stop(), 0);
+}
+
+/// Runs scripts/kafka with `args`; panics with its output when it fails.
+fn kafka_script(args: &[&str]) -> String {
+    let out = Command::new(repo().join("scripts/kafka")).args(args).output().unwrap();
+    assert!(out.status.success(), "scripts/kafka {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A broker of the test's own in `dir`, on a base port whose three ports are free; stopped on drop.
+struct OwnBroker<'a> {
+    dir: &'a Path,
+}
+
+impl OwnBroker<'_> {
+    fn start(dir: &Path) -> (OwnBroker<'_>, Cluster) {
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        let base = (20_000..60_000).step_by(97).find(|&p| (p..p + 3).all(free)).unwrap();
+        let bootstrap = kafka_script(&["start", "--port", &base.to_string(), "--dir", dir.to_str().unwrap()]);
+        (OwnBroker { dir }, Cluster { bootstrap })
+    }
+}
+
+impl Drop for OwnBroker<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/kafka")).args(["stop", "--dir", self.dir.to_str().unwrap()]).output();
+    }
+}
+
+#[test]
+fn a_15_second_broker_outage_loses_nothing() {
+    let dir = temp_dir("kafka-outage");
+    let broker_dir = dir.join("broker");
+    let (_broker, c) = OwnBroker::start(&broker_dir);
+    let (topic, scores, group) = ("outage", "outage-scores", "outage-g");
+    c.create_topic(topic, 1);
+    c.create_topic(scores, 1);
+    let (columns, records) = interleaved(5, 400, true);
+    let kafka = format!("scores_topic = \"{scores}\"");
+    let extra = format!("{TIME_MAPPING}series_fields = [\"series\"]\n");
+    let d = Daemon::start(&dir, &config(&c.bootstrap, topic, group, &columns, &kafka, &extra));
+
+    // The producer keeps writing through the outage: librdkafka queues and retries.
+    let outage = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            for chunk in records.chunks(50) {
+                c.produce(topic, chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        d.wait_for(|d| d.metric("anomalyd_windows_scored_total").is_some_and(|v| v > 0.0), "scoring before the outage");
+        kafka_script(&["stop", "--dir", broker_dir.to_str().unwrap()]);
+        let stopped = Instant::now();
+        std::thread::sleep(Duration::from_secs(15));
+        kafka_script(&["resume", "--dir", broker_dir.to_str().unwrap()]);
+        let outage = stopped.elapsed();
+        writer.join().unwrap();
+        outage
+    });
+    assert!(outage >= Duration::from_secs(15));
+    assert_eq!(d.get("/live").map(|(code, _)| code).ok(), Some(200), "the daemon lives through the outage");
+
+    let missing = c.wait_for_scores(scores, &windows(5, 0, 400), Duration::from_secs(60));
+    assert!(missing.is_empty(), "{} windows never scored, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
+    assert!(d.metric("anomalyd_errors_total{error_type=\"all_brokers_down\",stage=\"kafka\"}").is_some(), "the outage was seen");
+    assert_eq!(d.metric("anomalyd_kafka_produce_errors_total{output=\"score\"}"), None, "no score lost");
+    assert_eq!(d.stop(), 0);
 }

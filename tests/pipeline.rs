@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{metric, repo, temp_dir, Daemon};
+use common::{assert_flow_alert, attacked_host_minutes, metric, repo, temp_dir, Daemon};
 
 const BASE: &str = r#"
 [model]
@@ -217,23 +217,10 @@ fn goflow2_flows_are_bucketed_scored_and_alert_on_the_attacking_host() {
     assert_eq!(metric(&m, "anomalyd_records_discarded_total{reason=\"late_flow\"}"), Some(1.0));
 
     // The generator's labels name the attacked host-minutes; alerts go to that host only, during the attack.
-    let labels = std::fs::read_to_string(repo().join("contracts/flows-vae/labels.csv")).unwrap();
-    let attacked: Vec<(String, f64)> = labels
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let c: Vec<&str> = l.split(',').collect();
-            (c[2] == "1").then(|| (c[0].to_string(), c[1].parse().unwrap()))
-        })
-        .collect();
+    let attacked = attacked_host_minutes();
     let events = alerts(&d);
     let fired: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "firing").collect();
     assert!(!fired.is_empty());
-    for e in &fired {
-        let at = (e["series"].as_str().unwrap().to_string(), e["started_ts"].as_f64().unwrap());
-        assert!(attacked.contains(&at), "alert outside the attack: {e}");
-        let top: Vec<&str> = e["top_features"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
-        assert!(top.contains(&"distinct_dst_ports") || top.contains(&"syn_only_share"), "{top:?}");
-    }
+    fired.iter().for_each(|e| assert_flow_alert(e, &attacked));
     assert_eq!(d.stop(), 0);
 }

@@ -228,8 +228,12 @@ pub struct KafkaConfig {
     pub auto_offset_reset: String,
     /// Records that cannot be parsed or mapped go here with their original bytes; "" = off.
     pub dead_letter_topic: String,
+    /// Every scored window (JSON, keyed by series); "" = off.
+    pub scores_topic: String,
     /// Alert events (JSON, keyed by series); "" = off.
     pub alerts_topic: String,
+    /// The message key names the series, instead of `mapping.series_fields`.
+    pub series_from_key: bool,
     /// Any librdkafka property (TLS, SASL, timeouts, ...), passed through to consumer and producer.
     pub properties: BTreeMap<String, String>,
 }
@@ -339,6 +343,12 @@ impl Config {
             }
             if self.source.format == RecordFormat::Csv && self.source.csv_columns.is_empty() {
                 return Err(invalid("source.csv_columns", "CSV from Kafka has no header line: name the columns"));
+            }
+            if self.kafka.series_from_key && self.source.format == RecordFormat::Goflow2 {
+                return Err(invalid("kafka.series_from_key", "flow records name their host: series come from the flows"));
+            }
+            if self.kafka.series_from_key && !self.mapping.series_fields.is_empty() {
+                return Err(invalid("kafka.series_from_key", "conflicts with mapping.series_fields: choose one"));
             }
         }
         if self.source.csv_delimiter.chars().count() != 1 {

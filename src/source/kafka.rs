@@ -1,39 +1,68 @@
-//! Kafka source: a consumer-group member whose offsets follow scoring (at-least-once).
+//! Kafka source: a consumer-group member whose offsets follow scoring (at-least-once), and the
+//! Kafka outputs (dead letters, scores, alert events). docs/ARCHITECTURE.md, "Kafka offsets".
 //!
 //! `enable.auto.commit = true` with `enable.auto.offset.store = false`: librdkafka commits what
-//! we *store*, and we store a record's offset only once it is handled — dropped (counted), or
-//! windowed with every window it completed scored. The window stage records the highest handled
-//! offset per partition in each batch; the alert stage, which handles batches strictly in
-//! order, stores them after the batch. A crash replays from the last commit and the replayed
-//! records refill the windows (series warm up again). On shutdown the stored offsets are
+//! we *store*, and we store an offset only once every record up to it is handled — dropped
+//! (dead-lettered), or windowed with every window it completed scored — and everything those
+//! records produced on Kafka is delivered. On a revoke and on shutdown the stored offsets are
 //! committed synchronously.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::TopicPartitionList;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::app::Input;
+use crate::app::{Input, LOG_EVERY};
 use crate::config::KafkaConfig;
 use crate::telemetry::metrics::Metrics;
 
-/// Where a record came from: what to store once it is handled.
+/// Where a record came from: what to store once it is handled. `topic` indexes [`Topics`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ack {
     pub topic: usize,
     pub partition: i32,
     pub offset: i64,
+}
+
+/// A Kafka message's position and key, as it travels with its payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Origin {
+    pub ack: Ack,
+    pub key: Option<Vec<u8>>,
+}
+
+/// Topic names by index: positions carry the index, and a regex subscription finds new topics
+/// at run time.
+#[derive(Debug, Clone, Default)]
+pub struct Topics(Arc<RwLock<Vec<String>>>);
+
+impl Topics {
+    pub fn index(&self, name: &str) -> usize {
+        if let Some(i) = self.0.read().expect("topics lock is never poisoned").iter().position(|t| t == name) {
+            return i;
+        }
+        let mut names = self.0.write().expect("topics lock is never poisoned");
+        names.iter().position(|t| t == name).unwrap_or_else(|| {
+            names.push(name.to_string());
+            names.len() - 1
+        })
+    }
+
+    pub fn name(&self, index: usize) -> String {
+        self.0.read().expect("topics lock is never poisoned")[index].clone()
+    }
 }
 
 /// Offsets to store, per (topic, partition): the last record whose successors a replay must
@@ -47,6 +76,14 @@ impl Acks {
     }
 }
 
+/// What a series holds of the input: the partition of its newest record, and the positions of
+/// the records its next window needs, oldest first.
+#[derive(Debug)]
+struct Held {
+    partition: (usize, i32),
+    rows: VecDeque<Ack>,
+}
+
 /// What a replay must start from so that every window is scored at least once.
 ///
 /// Committing the newest handled record is not enough: a replay after a crash would start after
@@ -55,8 +92,7 @@ impl Acks {
 /// needs (`Pushed::held`); with no such record, to the newest handled one.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    /// Per series: positions of the records its next window needs, oldest first.
-    held: HashMap<String, VecDeque<Ack>>,
+    held: HashMap<String, Held>,
     /// Per partition: multiset of the series' oldest held offsets.
     oldest: BTreeMap<(usize, i32), BTreeMap<i64, u32>>,
     /// Per partition: the newest handled offset.
@@ -73,16 +109,15 @@ impl OffsetTracker {
     /// A record went into its series' window state; the series now needs its newest `held` records.
     pub fn windowed(&mut self, ack: Ack, series: &str, held: usize) {
         self.dropped(ack);
-        let rows = self.held.entry(series.to_string()).or_default();
-        let before = rows.front().copied();
-        rows.push_back(ack);
-        while rows.len() > held {
-            rows.pop_front();
+        let partition = (ack.topic, ack.partition);
+        let h = self.held.entry(series.to_string()).or_insert_with(|| Held { partition, rows: VecDeque::new() });
+        h.partition = partition;
+        let before = h.rows.front().copied();
+        h.rows.push_back(ack);
+        while h.rows.len() > held {
+            h.rows.pop_front();
         }
-        let after = rows.front().copied();
-        if rows.is_empty() {
-            self.held.remove(series);
-        }
+        let after = h.rows.front().copied();
         if before != after {
             self.unhold(before);
             if let Some(a) = after {
@@ -93,9 +128,27 @@ impl OffsetTracker {
 
     /// A series left (idle eviction): its rows are no longer needed.
     pub fn forget(&mut self, series: &str) {
-        if let Some(rows) = self.held.remove(series) {
-            self.unhold(rows.front().copied());
+        if let Some(h) = self.held.remove(series) {
+            self.unhold(h.rows.front().copied());
         }
+    }
+
+    /// Partitions went to another consumer: forgets them, and every series that holds a record
+    /// of one of them (its window state must go too: the new owner rebuilds it). Returns those series.
+    pub fn revoke(&mut self, partitions: &[(usize, i32)]) -> Vec<String> {
+        let revoked = |p: (usize, i32)| partitions.contains(&p);
+        let gone: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| revoked(h.partition) || h.rows.iter().any(|a| revoked((a.topic, a.partition))))
+            .map(|(series, _)| series.clone())
+            .collect();
+        gone.iter().for_each(|s| self.forget(s));
+        for p in partitions {
+            self.oldest.remove(p);
+            self.newest.remove(p);
+        }
+        gone
     }
 
     fn unhold(&mut self, ack: Option<Ack>) {
@@ -126,11 +179,6 @@ impl OffsetTracker {
     }
 }
 
-pub struct KafkaSource {
-    consumer: Arc<ObservedConsumer>,
-    topics: Vec<String>,
-}
-
 fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &cfg.brokers);
@@ -140,13 +188,28 @@ fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// librdkafka's callbacks as metrics: consumer lag per partition (from its statistics),
-/// rebalances and commits.
+/// Partitions taken from this consumer, by topic name: from the rebalance callback to the source task.
+type Revoked = Vec<(String, i32)>;
+
+/// librdkafka's callbacks: consumer lag per partition (from its statistics), rebalances and
+/// commits as metrics; on a revoke, the commit and the marker for the window stage.
 pub struct Observed {
     metrics: Arc<Metrics>,
+    revoked: mpsc::UnboundedSender<Revoked>,
 }
 
 impl ClientContext for Observed {
+    /// librdkafka retries on its own (reconnects, re-authenticates): counted and logged.
+    fn error(&self, error: KafkaError, reason: &str) {
+        let kind = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication) => "authentication",
+            Some(RDKafkaErrorCode::AllBrokersDown) => "all_brokers_down",
+            _ => "client",
+        };
+        self.metrics.errors.with_label_values(&["kafka", kind]).inc();
+        warn!(%error, reason, "Kafka client error; librdkafka retries.");
+    }
+
     fn stats(&self, stats: Statistics) {
         for (topic, t) in &stats.topics {
             // Lag is what is not yet read: high watermark minus the next offset to fetch.
@@ -162,17 +225,30 @@ impl ClientContext for Observed {
 }
 
 impl ConsumerContext for Observed {
+    /// Before partitions are given up: commit what is stored for them, and tell the window
+    /// stage (behind the records already read) to drop their series.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(error) => warn!(%error, "Kafka commit on revoke failed; the new owner replays from the previous commit."),
+        }
+        let _ = self.revoked.send(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect());
+    }
+
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let kind = match rebalance {
             Rebalance::Assign(tpl) => {
-                info!(partitions = tpl.count(), "Kafka partitions assigned.");
+                self.metrics.assigned_partitions.add(tpl.count() as i64);
+                info!(partitions = ?partitions(tpl), "Kafka partitions assigned.");
                 "assign"
             }
             Rebalance::Revoke(tpl) => {
+                self.metrics.assigned_partitions.sub(tpl.count() as i64);
                 for e in tpl.elements() {
                     let _ = self.metrics.consumer_lag.remove_label_values(&[e.topic(), &e.partition().to_string()]);
                 }
-                info!(partitions = tpl.count(), "Kafka partitions revoked.");
+                info!(partitions = ?partitions(tpl), "Kafka partitions revoked.");
                 "revoke"
             }
             Rebalance::Error(error) => {
@@ -184,104 +260,77 @@ impl ConsumerContext for Observed {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
-        let label = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.commits.with_label_values(&[label]).inc();
-        if let Err(error) = result {
-            warn!(%error, "Kafka offset commit failed; it is retried with the next one.");
+        match result {
+            // Nothing stored since the last commit: not a commit, not a failure.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Ok(()) => self.metrics.commits.with_label_values(&["ok"]).inc(),
+            Err(error) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                warn!(%error, "Kafka offset commit failed; it is retried with the next one.");
+            }
         }
     }
 }
 
+/// "topic/partition" of each element, for logs.
+fn partitions(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect()
+}
+
 type ObservedConsumer = StreamConsumer<Observed>;
 
-/// Creates the consumer and subscribes; returns the reader and the handle that stores offsets.
-pub fn connect(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<(KafkaSource, KafkaHandle)> {
+/// Reads the subscribed topics; each message goes down the line queue with its [`Origin`].
+pub struct KafkaSource {
+    consumer: Arc<ObservedConsumer>,
+    topics: Topics,
+    revoked: mpsc::UnboundedReceiver<Revoked>,
+}
+
+/// Creates the consumer and subscribes (a topic starting with `^` is a regex); returns the
+/// reader and the handle that stores and commits offsets.
+pub fn connect(cfg: &KafkaConfig, topics: Topics, metrics: Arc<Metrics>) -> Result<(KafkaSource, KafkaHandle)> {
     let mut client = client_config(cfg);
-    if !cfg.properties.contains_key("statistics.interval.ms") {
-        client.set("statistics.interval.ms", "5000");
+    let defaults = [("statistics.interval.ms", "5000"), ("partition.assignment.strategy", "cooperative-sticky")];
+    for (key, value) in defaults {
+        if !cfg.properties.contains_key(key) {
+            client.set(key, value);
+        }
     }
+    let (revoked_tx, revoked) = mpsc::unbounded_channel();
     let consumer: ObservedConsumer = client
         .set("group.id", &cfg.group_id)
         .set("auto.offset.reset", &cfg.auto_offset_reset)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        .create_with_context(Observed { metrics })
+        .create_with_context(Observed { metrics, revoked: revoked_tx })
         .context("kafka: creating the consumer")?;
-    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).context("kafka: subscribing")?;
+    let names: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).with_context(|| format!("kafka.topics: subscribing to {names:?}"))?;
     let consumer = Arc::new(consumer);
-    Ok((
-        KafkaSource { consumer: consumer.clone(), topics: cfg.topics.clone() },
-        KafkaHandle { consumer, topics: cfg.topics.clone() },
-    ))
-}
-
-/// The Kafka outputs: dead letters and alert events, through one idempotent producer.
-#[derive(Clone)]
-pub struct KafkaSinks {
-    producer: FutureProducer,
-    topics: Vec<String>,
-    dead_letter_topic: Option<String>,
-    alerts_topic: Option<String>,
-}
-
-impl KafkaSinks {
-    /// `None` when no output topic is configured.
-    pub fn new(cfg: &KafkaConfig) -> Result<Option<KafkaSinks>> {
-        let topic = |t: &str| (!t.is_empty()).then(|| t.to_string());
-        let (dead_letter_topic, alerts_topic) = (topic(&cfg.dead_letter_topic), topic(&cfg.alerts_topic));
-        if dead_letter_topic.is_none() && alerts_topic.is_none() {
-            return Ok(None);
-        }
-        let producer: FutureProducer = client_config(cfg)
-            .set("enable.idempotence", "true")
-            .create()
-            .context("kafka: creating the producer")?;
-        Ok(Some(KafkaSinks { producer, topics: cfg.topics.clone(), dead_letter_topic, alerts_topic }))
-    }
-
-    pub fn dead_letters(&self) -> bool {
-        self.dead_letter_topic.is_some()
-    }
-
-    /// The original bytes, with headers naming the error and where the record came from.
-    pub fn dead_letter(&self, payload: &str, ack: Ack, reason: &str, error: &str) -> Option<DeliveryFuture> {
-        let topic = self.dead_letter_topic.as_ref()?;
-        let (partition, offset) = (ack.partition.to_string(), ack.offset.to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "anomalyd.error", value: Some(reason) })
-            .insert(Header { key: "anomalyd.error_message", value: Some(error) })
-            .insert(Header { key: "anomalyd.source_topic", value: Some(self.topics[ack.topic].as_str()) })
-            .insert(Header { key: "anomalyd.source_partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "anomalyd.source_offset", value: Some(offset.as_str()) });
-        let record = FutureRecord::<(), str>::to(topic).payload(payload).headers(headers);
-        self.producer.send_result(record).map_err(|(e, _)| warn!(error = %e, "Dead letter not enqueued.")).ok()
-    }
-
-    /// Waits (bounded) for everything enqueued to be delivered: at shutdown, before the commit.
-    pub fn flush(&self) {
-        if let Err(error) = self.producer.flush(std::time::Duration::from_secs(10)) {
-            error!(%error, "Kafka producer flush at shutdown failed; some output may be lost.");
-        }
-    }
-
-    /// An alert event, keyed by series so one series' events stay in order.
-    pub fn alert(&self, series: &str, event: &str) -> Option<DeliveryFuture> {
-        let topic = self.alerts_topic.as_ref()?;
-        let record = FutureRecord::to(topic).key(series).payload(event);
-        self.producer.send_result(record).map_err(|(e, _)| warn!(error = %e, "Alert not enqueued.")).ok()
-    }
+    Ok((KafkaSource { consumer: consumer.clone(), topics: topics.clone(), revoked }, KafkaHandle { consumer, topics }))
 }
 
 impl KafkaSource {
     /// Reads messages until cancelled; each payload is one record line.
-    pub async fn run(self, tx: mpsc::Sender<Input>, stop: CancellationToken, metrics: Arc<Metrics>) {
+    pub async fn run(mut self, tx: mpsc::Sender<Input>, stop: CancellationToken, metrics: Arc<Metrics>) {
         loop {
             let msg = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
+                Some(revoked) = self.revoked.recv() => {
+                    if !self.forward_revoke(revoked, &tx).await {
+                        break;
+                    }
+                    continue;
+                }
                 msg = self.consumer.recv() => msg,
             };
+            // A rebalance callback runs inside recv(): its marker goes before this message.
+            while let Ok(revoked) = self.revoked.try_recv() {
+                if !self.forward_revoke(revoked, &tx).await {
+                    return;
+                }
+            }
             let msg = match msg {
                 Ok(m) => m,
                 Err(error) => {
@@ -291,42 +340,218 @@ impl KafkaSource {
                 }
             };
             metrics.records_received.inc();
-            let topic = self.topics.iter().position(|t| t == msg.topic()).unwrap_or(0);
-            let ack = Ack { topic, partition: msg.partition(), offset: msg.offset() };
-            // Invalid UTF-8 becomes text the parser refuses, so it is counted and acknowledged.
-            let text = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
-            if tx.send(Input::Line(text, Some(ack))).await.is_err() {
+            let ack = Ack { topic: self.topics.index(msg.topic()), partition: msg.partition(), offset: msg.offset() };
+            let origin = Origin { ack, key: msg.key().map(<[u8]>::to_vec) };
+            let payload = msg.payload().unwrap_or_default();
+            let input = match std::str::from_utf8(payload) {
+                Ok(text) => Input::Line(text.to_string(), Some(origin)),
+                Err(_) => Input::Undecodable(payload.to_vec(), origin),
+            };
+            if tx.send(input).await.is_err() {
                 break;
             }
         }
         info!("Kafka source stopped.");
     }
+
+    async fn forward_revoke(&self, revoked: Revoked, tx: &mpsc::Sender<Input>) -> bool {
+        let partitions = revoked.iter().map(|(topic, p)| (self.topics.index(topic), *p)).collect();
+        tx.send(Input::Revoked(partitions)).await.is_ok()
+    }
 }
 
-/// What the alert stage keeps to store offsets and to commit at shutdown.
-#[derive(Clone)]
+/// What the committer keeps to store offsets and to commit at shutdown.
 pub struct KafkaHandle {
     consumer: Arc<ObservedConsumer>,
-    topics: Vec<String>,
+    topics: Topics,
 }
 
 impl KafkaHandle {
     /// Stores handled offsets; librdkafka commits them on its auto-commit interval.
-    pub fn store(&self, acks: &Acks, metrics: &Metrics) {
+    fn store(&self, acks: &Acks, metrics: &Metrics) {
         for (&(topic, partition), &offset) in &acks.0 {
-            // A revoked partition cannot be stored any more: its records are replayed by the
-            // new owner, which is what at-least-once allows.
-            if let Err(error) = self.consumer.store_offset(&self.topics[topic], partition, offset) {
-                metrics.errors.with_label_values(&["kafka", "offset_store"]).inc();
-                warn!(%error, partition, offset, "Offset not stored.");
+            match self.consumer.store_offset(&self.topics.name(topic), partition, offset) {
+                Ok(()) => {}
+                // Revoked while the batch was in flight: the new owner replays these records,
+                // which at-least-once allows.
+                Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
+                    debug!(partition, offset, "Offset of a revoked partition not stored.")
+                }
+                Err(error) => {
+                    metrics.errors.with_label_values(&["kafka", "offset_store"]).inc();
+                    warn!(%error, partition, offset, "Offset not stored.");
+                }
             }
         }
     }
 
-    pub fn commit(&self) {
+    fn commit(&self) {
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => info!("Kafka offsets committed."),
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => info!("Kafka offsets committed."),
             Err(error) => error!(%error, "Kafka commit at shutdown failed; records since the last commit will be replayed."),
+        }
+    }
+}
+
+/// Which Kafka output a message was for (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// With the reason the record was dropped.
+    DeadLetter(&'static str),
+    Score,
+    Alert,
+}
+
+impl Output {
+    fn label(self) -> &'static str {
+        match self {
+            Output::DeadLetter(_) => "dead_letter",
+            Output::Score => "score",
+            Output::Alert => "alert",
+        }
+    }
+}
+
+/// A handled batch: what it produced on Kafka, and the offsets to store once that is delivered.
+#[derive(Default)]
+pub struct Pending {
+    pub deliveries: Vec<(DeliveryFuture, Output)>,
+    pub acks: Acks,
+}
+
+/// Awaits each batch's deliveries in batch order, then stores its offsets; at the end flushes
+/// the producer and commits.
+pub struct Committer {
+    pub handle: KafkaHandle,
+    pub sinks: Option<KafkaSinks>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Committer {
+    pub async fn run(self, mut rx: mpsc::Receiver<Pending>) {
+        let m = &self.metrics;
+        let mut failed = 0u64;
+        while let Some(pending) = rx.recv().await {
+            for (delivery, output) in pending.deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {
+                        if let Output::DeadLetter(reason) = output {
+                            m.dead_letters.with_label_values(&[reason]).inc();
+                        }
+                    }
+                    // Counted and logged; holding the partition for an output that cannot be
+                    // written would stall it for good.
+                    result => {
+                        m.produce_errors.with_label_values(&[output.label()]).inc();
+                        failed += 1;
+                        if failed % LOG_EVERY == 1 {
+                            let error = match result {
+                                Ok(Err((e, _))) => e.to_string(),
+                                _ => "producer gone".to_string(),
+                            };
+                            error!(output = output.label(), %error, count = failed, "Kafka output not delivered; its offset moves on.");
+                        }
+                    }
+                }
+            }
+            self.handle.store(&pending.acks, m);
+        }
+        if let Some(sinks) = &self.sinks {
+            sinks.flush();
+        }
+        self.handle.commit();
+    }
+}
+
+/// The Kafka outputs: dead letters, scores and alert events, through one idempotent producer.
+#[derive(Clone)]
+pub struct KafkaSinks {
+    producer: FutureProducer,
+    topics: Topics,
+    dead_letter_topic: Option<String>,
+    scores_topic: Option<String>,
+    alerts_topic: Option<String>,
+}
+
+impl KafkaSinks {
+    /// `None` when no output topic is configured.
+    pub fn new(cfg: &KafkaConfig, topics: Topics) -> Result<Option<KafkaSinks>> {
+        let topic = |t: &str| (!t.is_empty()).then(|| t.to_string());
+        let sinks = (topic(&cfg.dead_letter_topic), topic(&cfg.scores_topic), topic(&cfg.alerts_topic));
+        if sinks == (None, None, None) {
+            return Ok(None);
+        }
+        let producer: FutureProducer = client_config(cfg)
+            .set("enable.idempotence", "true")
+            .create()
+            .context("kafka: creating the producer")?;
+        let (dead_letter_topic, scores_topic, alerts_topic) = sinks;
+        Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, scores_topic, alerts_topic }))
+    }
+
+    pub fn dead_letters(&self) -> bool {
+        self.dead_letter_topic.is_some()
+    }
+
+    pub fn scores(&self) -> bool {
+        self.scores_topic.is_some()
+    }
+
+    pub fn alerts(&self) -> bool {
+        self.alerts_topic.is_some()
+    }
+
+    /// Enqueues a message, waiting while librdkafka's queue is full; `None` (logged) when the
+    /// producer refuses it for another reason.
+    async fn send(&self, mut record: FutureRecord<'_, [u8], [u8]>) -> Option<DeliveryFuture> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Some(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, r)) => {
+                    warn!(%error, topic = r.topic, "Kafka message not enqueued.");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The original key and bytes, with headers naming the error and where the record came from.
+    pub async fn dead_letter(&self, payload: &[u8], origin: &Origin, reason: &str, error: &str) -> Option<DeliveryFuture> {
+        let topic = self.dead_letter_topic.as_ref()?;
+        let (source, partition, offset) = (self.topics.name(origin.ack.topic), origin.ack.partition.to_string(), origin.ack.offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "anomalyd.error", value: Some(reason) })
+            .insert(Header { key: "anomalyd.error_message", value: Some(error) })
+            .insert(Header { key: "anomalyd.source_topic", value: Some(source.as_str()) })
+            .insert(Header { key: "anomalyd.source_partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "anomalyd.source_offset", value: Some(offset.as_str()) });
+        let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
+        if let Some(key) = &origin.key {
+            record = record.key(key.as_slice());
+        }
+        self.send(record).await
+    }
+
+    /// A window's score (JSON), keyed by series.
+    pub async fn score(&self, series: &str, line: &str) -> Option<DeliveryFuture> {
+        let topic = self.scores_topic.as_ref()?;
+        self.send(FutureRecord::to(topic).key(series.as_bytes()).payload(line.as_bytes())).await
+    }
+
+    /// An alert event (JSON), keyed by series so one series' events stay in order.
+    pub async fn alert(&self, series: &str, event: &str) -> Option<DeliveryFuture> {
+        let topic = self.alerts_topic.as_ref()?;
+        self.send(FutureRecord::to(topic).key(series.as_bytes()).payload(event.as_bytes())).await
+    }
+
+    /// Waits (bounded) for everything enqueued to be delivered: at shutdown, before the commit.
+    fn flush(&self) {
+        if let Err(error) = self.producer.flush(Duration::from_secs(10)) {
+            error!(%error, "Kafka producer flush at shutdown failed; some output may be lost.");
         }
     }
 }
@@ -354,5 +579,20 @@ mod tests {
         assert_eq!(t.safe().0[&(0, 0)], 1, "only a's 2 and 3 are needed");
         t.forget("a");
         assert_eq!(t.safe().0[&(0, 0)], 4, "nothing held: everything handled");
+    }
+
+    #[test]
+    fn a_revoke_drops_the_partitions_series_and_keeps_the_others() {
+        let mut t = OffsetTracker::default();
+        let at = |partition, offset| Ack { topic: 0, partition, offset };
+        t.windowed(at(0, 5), "a", 1);
+        t.windowed(at(1, 7), "b", 1);
+        t.windowed(at(1, 8), "c", 0); // W = 1: holds no rows, still lives on partition 1
+        let mut gone = t.revoke(&[(0, 1)]);
+        gone.sort();
+        assert_eq!(gone, ["b", "c"]);
+        assert_eq!(t.safe().0.keys().collect::<Vec<_>>(), [&(0, 0)], "partition 1 is no longer stored");
+        t.windowed(at(1, 3), "b", 1);
+        assert_eq!(t.safe().0.get(&(0, 1)), Some(&2), "re-assigned and replayed from 3: b holds 3");
     }
 }

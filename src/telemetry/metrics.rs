@@ -40,6 +40,7 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub produce_errors: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
+    pub assigned_partitions: IntGauge,
     pub rebalances: IntCounterVec,
     pub commits: IntCounterVec,
     /// Series that own per-series gauges (the cardinality cap).
@@ -155,12 +156,13 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("metric registered once");
                 g
             },
+            assigned_partitions: gauge(&r, "anomalyd_kafka_assigned_partitions", "Kafka partitions assigned to this consumer."),
             rebalances: counter_vec(&r, "anomalyd_kafka_rebalances_total", "Consumer group rebalances, by kind (assign, revoke, error).", &["kind"]),
             commits: counter_vec(&r, "anomalyd_kafka_commits_total", "Offset commits, by result (ok, error).", &["result"]),
             produce_errors: counter_vec(
                 &r,
                 "anomalyd_kafka_produce_errors_total",
-                "Kafka messages not delivered, by output (dead_letter, alert).",
+                "Kafka messages not delivered, by output (dead_letter, score, alert).",
                 &["output"],
             ),
             anomaly_score,

@@ -139,3 +139,24 @@ fn substitute(config: &str, port: u16, dir: &Path) -> String {
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
+
+/// The (host, bucket start) pairs the flow generator attacked (contracts/flows-vae/labels.csv).
+pub fn attacked_host_minutes() -> std::collections::HashSet<(String, i64)> {
+    let labels = std::fs::read_to_string(repo().join("contracts/flows-vae/labels.csv")).unwrap();
+    labels
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[2] == "1").then(|| (c[0].to_string(), c[1].parse().unwrap()))
+        })
+        .collect()
+}
+
+/// A firing flow alert starts in an attacked host-minute and blames the scan's features.
+pub fn assert_flow_alert(event: &serde_json::Value, attacked: &std::collections::HashSet<(String, i64)>) {
+    let at = (event["series"].as_str().unwrap().to_string(), event["started_ts"].as_f64().unwrap() as i64);
+    assert!(attacked.contains(&at), "alert outside the attack: {event}");
+    let top: Vec<&str> = event["top_features"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert!(top.contains(&"distinct_dst_ports") || top.contains(&"syn_only_share"), "{top:?}");
+}
