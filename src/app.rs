@@ -722,6 +722,8 @@ impl AlertStage {
             Event::Resolved(a) => ("resolved", a),
         };
         self.metrics.alerts.with_label_values(&[kind]).inc();
+        let top = alert.top_features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(",");
+        self.metrics.series_alert(&alert.series, matches!(event, Event::Fired(_)).then_some((model, top.as_str())));
         let mut line = serde_json::to_value(alert).expect("alerts serialise");
         line["event"] = kind.into();
         line["model"] = model.into();
