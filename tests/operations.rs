@@ -458,7 +458,9 @@ fn anomalies_and_outages_alert_through_prometheus_and_alertmanager_and_every_pan
         let dead = wait_for("RecordsDeadLettered", 30, || prom.firing("RecordsDeadLettered").pop(), || feed.daemon.metrics());
         assert_eq!(dead["instance"], kafka_instance.as_str());
         assert_eq!(dead["reason"], "missing_field", "a line of the wrong column count");
-        wait_for("consumer lag scraped", 30, || (!prom.query("anomalyd_kafka_consumer_lag_messages").is_empty()).then_some(()), || feed.daemon.metrics());
+        // In a range query's steps, not only at this instant: the panel check below uses one.
+        let lag = || (!prom.query_range("anomalyd_kafka_consumer_lag_messages", started).is_empty()).then_some(());
+        wait_for("consumer lag scraped", 30, lag, || feed.daemon.metrics());
     }
 
     // (a) Every panel's query returns data, as Grafana would send it.
