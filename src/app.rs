@@ -135,10 +135,12 @@ pub fn field_map(cfg: &Config, model: &Model, pre: &Preprocessor) -> Result<Fiel
     Ok(FieldMap { timestamp: ts_field.map(|f| (f, TimeFormat::parse(&ts_format))), series, fields })
 }
 
-/// Loads and checks everything `run` would, without starting: `anomalyd validate`.
+/// Loads and checks everything `run` would, without starting: `anomalyd validate`. That
+/// includes ONNX Runtime scoring a window with the bundle.
 pub fn validate(cfg: &Config) -> Result<String> {
     let model = Model::load(&cfg.model.path)?;
     let map = field_map(cfg, &model, &Preprocessor::new(&model.meta))?;
+    build_scorers(&crate::onnxruntime::init(onnxruntime_library(cfg))?, &model, 1)?;
     if cfg.source.kind == SourceKind::File && !cfg.source.path.is_file() {
         return Err(anyhow!("source.path: {} is not a readable file", cfg.source.path.display()));
     }
@@ -761,6 +763,8 @@ impl AlertStage {
             Event::Resolved(a) => ("resolved", a),
         };
         self.metrics.alerts.with_label_values(&[kind]).inc();
+        let top = alert.top_features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(",");
+        self.metrics.series_alert(&alert.series, matches!(event, Event::Fired(_)).then_some((model, top.as_str())));
         let mut line = serde_json::to_value(alert).expect("alerts serialise");
         line["event"] = kind.into();
         line["model"] = model.into();
@@ -825,6 +829,11 @@ fn open_scores(cfg: &Config) -> Result<Option<Box<dyn Write + Send>>> {
     Ok(Some(Box::new(std::io::BufWriter::new(file))))
 }
 
+/// `scoring.onnxruntime_library`, when set.
+fn onnxruntime_library(cfg: &Config) -> Option<&Path> {
+    (!cfg.scoring.onnxruntime_library.is_empty()).then(|| Path::new(&cfg.scoring.onnxruntime_library))
+}
+
 /// One session per worker, each checked with a one-window run, so a bundle that loads but
 /// cannot score is refused at start-up or reload rather than on the first batch.
 pub fn build_scorers(env: &ort::environment::Environment, model: &Model, n: usize) -> Result<Vec<Scorer>> {
@@ -863,8 +872,7 @@ pub fn publish_model(metrics: &Metrics, old: Option<&ModelInUse>, new: &ModelInU
 pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: CancellationToken) -> Result<()> {
     let model = Model::load(&cfg.model.path)?;
     let metrics = Arc::new(Metrics::new(cfg.admin.max_series_metrics));
-    let lib = (!cfg.scoring.onnxruntime_library.is_empty()).then(|| Path::new(&cfg.scoring.onnxruntime_library));
-    let env = crate::onnxruntime::init(lib)?;
+    let env = crate::onnxruntime::init(onnxruntime_library(&cfg))?;
     let scorers = build_scorers(&env, &model, cfg.scoring.workers)?;
     let pre = Preprocessor::new(&model.meta);
     let map = field_map(&cfg, &model, &pre)?;

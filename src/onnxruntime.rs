@@ -37,7 +37,7 @@ pub fn candidates(configured: Option<&Path>) -> Vec<PathBuf> {
 pub enum RuntimeError {
     #[error(
         "ONNX Runtime {ORT_VERSION} not found (looked at {looked}); run scripts/fetch-onnxruntime, or set \
-         ORT_DYLIB_PATH or [onnxruntime].library_path"
+         ORT_DYLIB_PATH or scoring.onnxruntime_library"
     )]
     NotFound { looked: String },
     #[error("ONNX Runtime at {path} cannot be used: {reason}")]

@@ -93,6 +93,8 @@ impl Reloader {
             ("scoring", old.scoring == new.scoring),
             ("admin", old.admin == new.admin),
             ("alerts", old.alerts == new.alerts),
+            ("kafka", old.kafka == new.kafka),
+            ("shutdown", old.shutdown == new.shutdown),
         ] {
             if !same {
                 warn!(section, "Changed setting takes effect only after a restart.");

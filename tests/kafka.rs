@@ -347,7 +347,7 @@ format = "goflow2"
     let d = Daemon::start(&dir, &config);
     // A stream does not end: every bucket but each host's newest closes by the watermark.
     d.wait_for(|d| d.metric("anomalyd_records_received_total") == Some(lines.len() as f64), "all flows read");
-    d.wait_for(|d| d.metric("anomalyd_alerts_total{state=\"firing\"}").is_some(), "an alert");
+    d.wait_for(|d| d.metric("anomalyd_alerts_total{state=\"firing\"}").is_some_and(|n| n > 0.0), "an alert");
     assert_eq!(d.stop(), 0);
 
     let attacked = attacked_host_minutes();
@@ -394,7 +394,7 @@ fn two_daemons_split_four_partitions_and_hand_over() {
     a.wait_for(|a| assigned(a) == Some(4.0), "a owns all four partitions");
     let b = Daemon::start(&temp_dir("kafka-split-b"), &config);
     b.wait_for(|b| assigned(b) == Some(2.0) && assigned(&a) == Some(2.0), "two partitions each");
-    assert!(a.metric("anomalyd_kafka_rebalances_total{kind=\"revoke\"}").is_some(), "a gave two partitions up");
+    assert_eq!(a.metric("anomalyd_kafka_rebalances_total{kind=\"revoke\"}"), Some(1.0), "a gave two partitions up");
 
     // Both score their own partitions' series, and together all of them.
     c.produce(&topic, rows(100, 200));
@@ -436,7 +436,10 @@ fn sasl_listener_authenticates_and_a_wrong_password_is_reported() {
     assert!(c.read_all(&alerts_topic).iter().any(|(key, _, _)| key.as_deref() == Some("pump")), "alert produced over SASL");
 
     let d = Daemon::start(&temp_dir("kafka-sasl-wrong"), &sasl(&format!("sasl-wrong-{id}"), "not-the-password"));
-    d.wait_for(|d| d.metric("anomalyd_errors_total{error_type=\"authentication\",stage=\"kafka\"}").is_some(), "the authentication error counted");
+    d.wait_for(
+        |d| d.metric("anomalyd_errors_total{error_type=\"authentication\",stage=\"kafka\"}").is_some_and(|n| n > 0.0),
+        "the authentication error counted",
+    );
     assert!(d.stderr().contains("Authentication failed"), "{}", d.stderr());
     assert_eq!(d.metric("anomalyd_records_received_total"), Some(0.0));
     assert_eq!(d.stop(), 0);
@@ -504,7 +507,7 @@ fn a_15_second_broker_outage_loses_nothing() {
 
     let missing = c.wait_for_scores(scores, &windows(5, 0, 400), Duration::from_secs(60));
     assert!(missing.is_empty(), "{} windows never scored, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
-    assert!(d.metric("anomalyd_errors_total{error_type=\"all_brokers_down\",stage=\"kafka\"}").is_some(), "the outage was seen");
-    assert_eq!(d.metric("anomalyd_kafka_produce_errors_total{output=\"score\"}"), None, "no score lost");
+    assert!(d.metric("anomalyd_errors_total{error_type=\"all_brokers_down\",stage=\"kafka\"}").is_some_and(|n| n > 0.0), "the outage was seen");
+    assert_eq!(d.metric("anomalyd_kafka_produce_errors_total{output=\"score\"}"), Some(0.0), "no score lost");
     assert_eq!(d.stop(), 0);
 }

@@ -3,28 +3,7 @@
 
 mod common;
 
-use common::{repo, temp_dir, Daemon};
-
-fn config(model: &str, threshold: f64) -> String {
-    format!(
-        r#"
-[model]
-path = "{model}"
-threshold = {threshold}
-[source]
-kind = "stdin"
-format = "csv"
-csv_delimiter = ";"
-[scoring]
-batch_max_wait_ms = 1
-[admin]
-listen = "127.0.0.1:{{port}}"
-[alerts]
-sink = "file"
-path = "{{dir}}/alerts.jsonl"
-"#
-    )
-}
+use common::{repo, stdin_config, temp_dir, Daemon};
 
 fn records() -> Vec<String> {
     std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap().lines().map(String::from).collect()
@@ -38,14 +17,14 @@ fn scored(d: &Daemon) -> f64 {
 fn a_threshold_change_applies_to_the_next_window_and_keeps_windows() {
     let dir = temp_dir("reload-threshold");
     let model = repo().join("models/skab-convae");
-    let mut d = Daemon::start_piped(&dir, &config(model.to_str().unwrap(), 0.0));
+    let mut d = Daemon::start_piped(&dir, &stdin_config(model.to_str().unwrap(), 0.0));
     let lines = records();
     // Header and the first 60 records: one segment of 60 rows, 29 windows of W = 32.
     d.send(&lines[..61].iter().map(String::as_str).collect::<Vec<_>>());
     d.wait_for(|d| scored(d) == 29.0, "29 windows");
     let anomalous = d.metric("anomalyd_anomalous_windows_total").unwrap();
 
-    d.write_config(&config(model.to_str().unwrap(), 1e-6));
+    d.write_config(&stdin_config(model.to_str().unwrap(), 1e-6));
     d.signal("HUP");
     d.wait_for(|d| d.metric("anomalyd_reloads_total{result=\"ok\"}").is_some_and(|v| v >= 1.0), "reload");
     assert_eq!(d.metric("anomalyd_model_threshold"), Some(1e-6));
@@ -67,7 +46,7 @@ fn a_broken_bundle_is_refused_and_the_old_model_keeps_scoring() {
     for f in ["model.json", "model.onnx"] {
         std::fs::copy(repo().join("models/skab-convae").join(f), bundle.join(f)).unwrap();
     }
-    let mut d = Daemon::start_piped(&dir, &config(bundle.to_str().unwrap(), 0.0));
+    let mut d = Daemon::start_piped(&dir, &stdin_config(bundle.to_str().unwrap(), 0.0));
     let info = d.metrics().lines().find(|l| l.starts_with("anomalyd_model_info")).unwrap().to_string();
     let lines = records();
     d.send(&lines[..41].iter().map(String::as_str).collect::<Vec<_>>());

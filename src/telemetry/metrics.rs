@@ -1,17 +1,54 @@
 //! The only place metric names and label values exist (`anomalyd_<name>_<unit>[_total]`).
 //!
 //! Self-monitoring metrics carry no series labels. The product metrics — per-series
-//! `anomalyd_anomaly_score` and `anomalyd_alert_firing` — carry `series`, for at most
-//! `admin.max_series_metrics` series; windows of further series are counted in
-//! `anomalyd_series_metrics_dropped_total` instead of growing the scrape without bound.
+//! `anomalyd_anomaly_score`, `anomalyd_alert_firing` and, while an alert fires,
+//! `anomalyd_alert_info` (its model and top features, for Prometheus alert rules) — carry
+//! `series`, for at most `admin.max_series_metrics` series; windows of further series are
+//! counted in `anomalyd_series_metrics_dropped_total` instead of growing the scrape without bound.
+//!
+//! Counters whose label values are known in advance start at 0 ([`DISCARD_REASONS`],
+//! [`ERROR_KINDS`], ...): a counter that first appears at 1 has no earlier sample, so
+//! `increase()` in an alert rule (ModelReloadFailed, RecordsDeadLettered) would miss its first
+//! event, and a dashboard would show "No data" rather than 0. Add new label values there.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
+
+/// `records_discarded_total{reason}`: parse errors (`record::ParseError::reason`, flows), late
+/// flows and Kafka messages without a key for `kafka.series_from_key` — the first
+/// [`DEAD_LETTER_REASONS`], which also go to a dead-letter topic — then window drops
+/// (`window::Dropped`).
+const DISCARD_REASONS: [&str; 10] = [
+    "malformed",
+    "wrong_type",
+    "missing_field",
+    "too_long",
+    "bad_timestamp",
+    "late_flow",
+    "missing_key",
+    "out_of_order",
+    "nan",
+    "series_limit",
+];
+const DEAD_LETTER_REASONS: usize = 7;
+/// `errors_total{stage, error_type}`.
+const ERROR_KINDS: [(&str, &str); 10] = [
+    ("source", "read"),
+    ("window", "unknown_category"),
+    ("scoring", "inference"),
+    ("alert", "sink"),
+    ("alert", "scores_sink"),
+    ("kafka", "consume"),
+    ("kafka", "offset_store"),
+    ("kafka", "authentication"),
+    ("kafka", "all_brokers_down"),
+    ("kafka", "client"),
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -31,6 +68,8 @@ pub struct Metrics {
     pub window_bytes: IntGauge,
     pub anomaly_score: GaugeVec,
     pub alert_firing: IntGaugeVec,
+    /// `{series, model, top_features}` = 1 while the series' alert fires.
+    alert_info: IntGaugeVec,
     pub series_metrics_dropped: IntCounter,
     pub model_info: IntGaugeVec,
     pub model_threshold: Gauge,
@@ -43,8 +82,9 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub rebalances: IntCounterVec,
     pub commits: IntCounterVec,
-    /// Series that own per-series gauges (the cardinality cap).
-    exported: Mutex<HashSet<String>>,
+    /// Series that own per-series gauges (the cardinality cap), each with the `model` and
+    /// `top_features` labels of its `alert_info` while its alert fires (needed to remove it).
+    exported: Mutex<HashMap<String, Option<[String; 2]>>>,
     max_series_metrics: usize,
 }
 
@@ -87,6 +127,12 @@ impl Metrics {
         )
         .expect("metric name is valid");
         r.register(Box::new(alert_firing.clone())).expect("metric registered once");
+        let alert_info = IntGaugeVec::new(
+            Opts::new("anomalyd_alert_info", "1 while an alert fires for the series: the model and the top features (comma-separated) of the window that fired."),
+            &["series", "model", "top_features"],
+        )
+        .expect("metric name is valid");
+        r.register(Box::new(alert_info.clone())).expect("metric registered once");
         let model_info = IntGaugeVec::new(
             Opts::new("anomalyd_model_info", "The loaded model bundle (value 1)."),
             &["model", "kind", "score_kind", "sha256", "trainer_version"],
@@ -104,7 +150,7 @@ impl Metrics {
         r.register(Box::new(build.clone())).expect("metric registered once");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let latency = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
-        Metrics {
+        let m = Metrics {
             records_received: counter(&r, "anomalyd_records_received_total", "Records read from the source."),
             records_discarded: counter_vec(
                 &r,
@@ -167,36 +213,85 @@ impl Metrics {
             ),
             anomaly_score,
             alert_firing,
+            alert_info,
             model_info,
             model_threshold,
             model_loaded,
-            exported: Mutex::new(HashSet::new()),
+            exported: Mutex::new(HashMap::new()),
             max_series_metrics,
             registry: r,
+        };
+        for reason in DISCARD_REASONS {
+            m.records_discarded.with_label_values(&[reason]).reset();
         }
+        for reason in &DISCARD_REASONS[..DEAD_LETTER_REASONS] {
+            m.dead_letters.with_label_values(&[reason]).reset();
+        }
+        for (stage, error_type) in ERROR_KINDS {
+            m.errors.with_label_values(&[stage, error_type]).reset();
+        }
+        for state in ["firing", "resolved"] {
+            m.alerts.with_label_values(&[state]).reset();
+        }
+        for result in ["ok", "error"] {
+            m.reloads.with_label_values(&[result]).reset();
+            m.commits.with_label_values(&[result]).reset();
+        }
+        for output in ["dead_letter", "score", "alert"] {
+            m.produce_errors.with_label_values(&[output]).reset();
+        }
+        for kind in ["assign", "revoke", "error"] {
+            m.rebalances.with_label_values(&[kind]).reset();
+        }
+        m
     }
 
     /// Sets the per-series gauges if the series has (or can get) a slot under the cap.
     pub fn series_score(&self, series: &str, anomaly_score: f64, firing: bool) {
         let mut exported = self.exported.lock().expect("metrics lock is never poisoned: no panics while held");
-        if !exported.contains(series) {
-            if exported.len() >= self.max_series_metrics {
-                self.series_metrics_dropped.inc();
-                return;
-            }
-            exported.insert(series.to_string());
+        if self.slot(&mut exported, series).is_none() {
+            self.series_metrics_dropped.inc();
+            return;
         }
         self.anomaly_score.with_label_values(&[series]).set(anomaly_score);
         self.alert_firing.with_label_values(&[series]).set(firing as i64);
     }
 
+    /// An alert event: `Some((model, top_features))` when it fires exports `anomalyd_alert_info`
+    /// for the series (under the cap, like its other gauges), `None` when it resolves removes it.
+    pub fn series_alert(&self, series: &str, firing: Option<(&str, &str)>) {
+        let mut exported = self.exported.lock().expect("metrics lock is never poisoned: no panics while held");
+        let Some(info) = self.slot(&mut exported, series) else { return };
+        if let Some([model, top]) = info.take() {
+            let _ = self.alert_info.remove_label_values(&[series, &model, &top]);
+        }
+        if let Some((model, top)) = firing {
+            self.alert_info.with_label_values(&[series, model, top]).set(1);
+            *info = Some([model.to_string(), top.to_string()]);
+        }
+    }
+
     /// Removes an evicted series' gauges and frees its slot.
     pub fn forget_series(&self, series: &str) {
         let mut exported = self.exported.lock().expect("metrics lock is never poisoned: no panics while held");
-        if exported.remove(series) {
+        if let Some(info) = exported.remove(series) {
             let _ = self.anomaly_score.remove_label_values(&[series]);
             let _ = self.alert_firing.remove_label_values(&[series]);
+            if let Some([model, top]) = info {
+                let _ = self.alert_info.remove_label_values(&[series, &model, &top]);
+            }
         }
+    }
+
+    /// The series' slot under the cap (taken if free), or None when the cap is reached.
+    fn slot<'a>(&self, exported: &'a mut HashMap<String, Option<[String; 2]>>, series: &str) -> Option<&'a mut Option<[String; 2]>> {
+        if !exported.contains_key(series) {
+            if exported.len() >= self.max_series_metrics {
+                return None;
+            }
+            exported.insert(series.to_string(), None);
+        }
+        exported.get_mut(series)
     }
 
     /// The Prometheus text exposition of everything.
@@ -225,5 +320,43 @@ mod tests {
         m.forget_series("a");
         m.series_score("c", 3.0, true);
         assert!(m.render().contains("anomalyd_alert_firing{series=\"c\"} 1"));
+    }
+
+    #[test]
+    fn alert_info_carries_top_features_while_firing_under_the_cap() {
+        let m = Metrics::new(1);
+        let info = |text: &str| text.lines().filter(|l| l.starts_with("anomalyd_alert_info{")).map(String::from).collect::<Vec<_>>();
+        m.series_alert("a", Some(("pump", "Current,Pressure")));
+        m.series_score("a", 3.0, true);
+        assert_eq!(info(&m.render()), ["anomalyd_alert_info{model=\"pump\",series=\"a\",top_features=\"Current,Pressure\"} 1"]);
+        // Beyond the cap: no gauge at all for "b", firing or not.
+        m.series_alert("b", Some(("pump", "Temperature")));
+        m.series_score("b", 3.0, true);
+        assert!(!m.render().contains("series=\"b\""));
+        // Resolved: gone; fired again with other features: only the new label set.
+        m.series_alert("a", None);
+        assert!(info(&m.render()).is_empty());
+        m.series_alert("a", Some(("pump", "Voltage")));
+        assert_eq!(info(&m.render()), ["anomalyd_alert_info{model=\"pump\",series=\"a\",top_features=\"Voltage\"} 1"]);
+        // Evicted while firing: gone, and its slot is free for "b".
+        m.forget_series("a");
+        assert!(info(&m.render()).is_empty());
+        m.series_alert("b", Some(("pump", "Temperature")));
+        assert_eq!(info(&m.render()).len(), 1);
+    }
+
+    #[test]
+    fn counters_that_rules_take_increase_of_start_at_zero() {
+        let text = Metrics::new(1).render();
+        for sample in [
+            "anomalyd_reloads_total{result=\"error\"} 0",
+            "anomalyd_dead_letters_total{reason=\"malformed\"} 0",
+            "anomalyd_records_discarded_total{reason=\"series_limit\"} 0",
+            "anomalyd_errors_total{error_type=\"inference\",stage=\"scoring\"} 0",
+            "anomalyd_alerts_total{state=\"firing\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == sample), "{sample} missing");
+        }
+        assert!(!text.contains("anomalyd_dead_letters_total{reason=\"out_of_order\"}"), "window drops are never dead-lettered");
     }
 }

@@ -160,3 +160,26 @@ pub fn assert_flow_alert(event: &serde_json::Value, attacked: &std::collections:
     let top: Vec<&str> = event["top_features"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
     assert!(top.contains(&"distinct_dst_ports") || top.contains(&"syn_only_share"), "{top:?}");
 }
+
+/// A daemon reading CSV from stdin with bundle `model` (`threshold` 0 = the bundle's), batches
+/// scored at once, alerts to `{dir}/alerts.jsonl`.
+pub fn stdin_config(model: &str, threshold: f64) -> String {
+    format!(
+        r#"
+[model]
+path = "{model}"
+threshold = {threshold}
+[source]
+kind = "stdin"
+format = "csv"
+csv_delimiter = ";"
+[scoring]
+batch_max_wait_ms = 1
+[admin]
+listen = "127.0.0.1:{{port}}"
+[alerts]
+sink = "file"
+path = "{{dir}}/alerts.jsonl"
+"#
+    )
+}
