@@ -1,5 +1,6 @@
 //! Stage throughput: records parsed, windows assembled, and windows scored by batch size, with
-//! the bundled conv-AE (W = 32, F = 8) on the bundled sample records. `cargo bench --bench stages`.
+//! the bundled conv-AE (W = 32, F = 8) on the bundled sample records, and inference also with
+//! the benchmark's conv-AE (W = 64, F = 4) once bench/run has trained it. `cargo bench --bench stages`.
 
 use std::path::PathBuf;
 
@@ -69,18 +70,23 @@ fn stages(c: &mut Criterion) {
     }
     g.finish();
 
+    // The bundled conv-AE, and the benchmark's (bench/run trains it into .cache/bench/) when present.
     let env = anomalyd::onnxruntime::init(None).expect("ONNX Runtime (scripts/fetch-onnxruntime)");
-    let mut scorer = Scorer::new(&env, &f.model).unwrap();
-    let (w, n) = (f.model.window_len(), f.model.n_features());
-    let mut g = c.benchmark_group("inference");
-    for batch in [1usize, 16, 64, 256] {
-        let windows: Vec<f32> = (0..batch * w * n).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
-        g.throughput(Throughput::Elements(batch as u64));
-        g.bench_with_input(BenchmarkId::new("windows_batch", batch), &batch, |b, &batch| {
-            b.iter(|| scorer.score(&windows, batch).unwrap().score.len())
-        });
+    let bench_model = repo().join(".cache/bench/models/convae-f4-w64");
+    let models = std::iter::once(f.model.clone()).chain(bench_model.is_dir().then(|| Model::load(&bench_model).unwrap()));
+    for model in models {
+        let mut scorer = Scorer::new(&env, &model).unwrap();
+        let (w, n) = (model.window_len(), model.n_features());
+        let mut g = c.benchmark_group(format!("inference/{}", model.meta.name));
+        for batch in [1usize, 16, 64, 256] {
+            let windows: Vec<f32> = (0..batch * w * n).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+            g.throughput(Throughput::Elements(batch as u64));
+            g.bench_with_input(BenchmarkId::new("windows_batch", batch), &batch, |b, &batch| {
+                b.iter(|| scorer.score(&windows, batch).unwrap().score.len())
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 criterion_group!(benches, stages);

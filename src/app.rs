@@ -35,8 +35,13 @@ use crate::record::{CsvParser, FieldMap, LineParser, RawRecord, TimeFormat, Valu
 use crate::telemetry::metrics::Metrics;
 use crate::window::{Outcome, WindowSpec, Windower};
 
-/// Lines buffered between the source and the window task.
-const LINE_QUEUE: usize = 4096;
+/// Line batches buffered between the source and the window task ...
+const LINE_QUEUE: usize = 64;
+/// ... each of at most this many lines: what the source has at hand, so a quiet stream is not
+/// delayed and a busy one crosses the channel (a task wake-up) once per batch, not per line.
+pub(crate) const MAX_LINE_BATCH: usize = 1024;
+/// Handled batches whose outputs are still being delivered, at most.
+const COMMIT_QUEUE: usize = 1024;
 /// At most one warning per this many bad records of a kind (the rest are counted, and logged at debug).
 pub(crate) const LOG_EVERY: u64 = 1000;
 
@@ -216,18 +221,31 @@ fn finish_line(buf: &mut Vec<u8>, skipped: usize) -> Input {
 }
 
 /// Reads lines from the file or stdin, paced by `replay_rate_per_sec`, until EOF or cancellation.
-async fn read_source<R: AsyncBufRead + Unpin>(
-    mut reader: R,
+/// Lines go in batches of what is already buffered (at most [`MAX_LINE_BATCH`]); paced, one by one.
+async fn read_source<R: AsyncRead + Unpin>(
+    mut reader: BufReader<R>,
     mut header_next: bool,
     rate: f64,
-    tx: mpsc::Sender<Input>,
+    tx: mpsc::Sender<Vec<Input>>,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
 ) {
     let started = Instant::now();
     let mut n = 0u64;
     let mut buf = Vec::new();
+    let mut batch = Vec::new();
     loop {
+        let due = !batch.is_empty() && (reader.buffer().is_empty() || batch.len() >= MAX_LINE_BATCH || rate > 0.0);
+        if due && tx.send(std::mem::take(&mut batch)).await.is_err() {
+            return;
+        }
+        if rate > 0.0 && n > 0 {
+            let due = started + Duration::from_secs_f64(n as f64 / rate);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep_until(due.into()) => {}
+            }
+        }
         let input = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -237,23 +255,12 @@ async fn read_source<R: AsyncBufRead + Unpin>(
             Ok(Some(Input::Line(line, _))) if line.trim().is_empty() => continue,
             Ok(Some(Input::Line(line, _))) if header_next => {
                 header_next = false;
-                if tx.send(Input::Header(line)).await.is_err() {
-                    break;
-                }
+                batch.push(Input::Header(line));
             }
             Ok(Some(input)) => {
                 metrics.records_received.inc();
                 n += 1;
-                if tx.send(input).await.is_err() {
-                    break;
-                }
-                if rate > 0.0 {
-                    let due = started + Duration::from_secs_f64(n as f64 / rate);
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep_until(due.into()) => {}
-                    }
-                }
+                batch.push(input);
             }
             Ok(None) => {
                 info!(records = n, "Source reached its end.");
@@ -265,6 +272,10 @@ async fn read_source<R: AsyncBufRead + Unpin>(
                 break;
             }
         }
+    }
+    // Lines already read are handled (the drain scores them).
+    if !batch.is_empty() {
+        let _ = tx.send(batch).await;
     }
 }
 
@@ -511,7 +522,7 @@ impl WindowStage {
         true
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut swaps: mpsc::Receiver<ModelSwap>, tx: mpsc::Sender<ToScoring>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Vec<Input>>, mut swaps: mpsc::Receiver<ModelSwap>, tx: mpsc::Sender<ToScoring>) {
         loop {
             // Biased: a reload is applied before more input, and a due batch before new lines.
             let deadline = self.deadline;
@@ -527,26 +538,28 @@ impl WindowStage {
                 }
                 input = rx.recv() => input,
             };
-            let alive = match input {
-                None => break,
-                Some(Input::Bad { reason, detail }) => {
-                    self.discard(reason, &detail);
-                    true
+            let Some(inputs) = input else { break };
+            for input in inputs {
+                let alive = match input {
+                    Input::Bad { reason, detail } => {
+                        self.discard(reason, &detail);
+                        true
+                    }
+                    Input::Header(line) => self.line(&line, None, &tx).await,
+                    Input::Line(line, origin) => self.line(&line, origin, &tx).await,
+                    Input::Undecodable(payload, origin) => {
+                        self.reject(&payload, Some(&origin), "malformed", "the payload is not UTF-8").await;
+                        true
+                    }
+                    Input::Revoked(partitions) => self.revoke(&partitions, &tx).await,
+                };
+                if !alive {
+                    return;
                 }
-                Some(Input::Header(line)) => self.line(&line, None, &tx).await,
-                Some(Input::Line(line, origin)) => self.line(&line, origin, &tx).await,
-                Some(Input::Undecodable(payload, origin)) => {
-                    self.reject(&payload, Some(&origin), "malformed", "the payload is not UTF-8").await;
-                    true
-                }
-                Some(Input::Revoked(partitions)) => self.revoke(&partitions, &tx).await,
-            };
+            }
             if self.offsets_dirty && self.deadline.is_none() {
                 // Offsets move with batches: make sure one goes even without windows.
                 self.deadline = Some(tokio::time::Instant::now() + self.batch_wait);
-            }
-            if !alive {
-                return;
             }
         }
         // End of input: the buckets still open are complete now.
@@ -974,7 +987,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let (kafka, committer) = match cfg.source.kind {
         SourceKind::Kafka => {
             let (consumer, handle) = crate::source::kafka::connect(&cfg.kafka, topics, metrics.clone())?;
-            let (tx, rx) = mpsc::channel(cfg.scoring.workers * 2);
+            // Deep: each batch waits for its outputs' delivery (linger plus a broker round trip),
+            // and a shallow queue would make that wait the pace of scoring.
+            let (tx, rx) = mpsc::channel(COMMIT_QUEUE);
             let committer = Committer { handle, sinks: sinks.clone(), metrics: metrics.clone() };
             (Some(consumer), Some((tx, tokio::spawn(committer.run(rx)))))
         }
