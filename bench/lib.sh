@@ -40,7 +40,8 @@ stop_anomalyd() {
 }
 
 # Writes an anomalyd config for the bench stream to $work/anomalyd.toml: MODEL, TOPIC, GROUP,
-# STRIDE, admin PORT, then extra TOML lines.
+# STRIDE, admin PORT, then extra TOML lines, then $BENCH_EXTRA_TOML (e.g. a [kafka.properties]
+# section to try other fetch sizes).
 anomalyd_config() {
     local model=$1 topic=$2 group=$3 stride=$4 port=$5 extra=${6:-}
     local columns
@@ -70,6 +71,7 @@ path = "$work/alerts.jsonl"
 [admin]
 listen = "127.0.0.1:$port"
 $extra
+${BENCH_EXTRA_TOML:-}
 TOML
 }
 
