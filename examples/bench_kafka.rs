@@ -4,7 +4,8 @@
 //! bench_kafka preload  BROKERS TOPIC RECORDS SERIES FEATURES    # the synthetic stream, keyed by series
 //! bench_kafka ceiling  BROKERS TOPIC RECORDS [NAME=VALUE…]      # read and discard: the consume ceiling
 //! bench_kafka paced    BROKERS TOPIC RATE SECONDS SERIES FEATURES  # event time = now (unix ms), at RATE records/s
-//! bench_kafka latency  BROKERS SCORES_TOPIC                     # score time − window end, from the scores topic
+//! bench_kafka latency  BROKERS SCORES_TOPIC INPUT_TOPIC         # event → append → score, from both topics
+//! bench_kafka floor    BROKERS TOPIC RECORDS                    # append → arrival at a consumer that only reads
 //! ```
 //!
 //! The stream: key `s{j}`, payload `ts;f0;…` with `ts` = 1700000000 + i for row i (rows
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, Timestamp};
+use rdkafka::message::{Message, OwnedMessage, Timestamp};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 fn value(series: usize, row: usize, feature: usize) -> f64 {
@@ -125,24 +126,89 @@ fn paced(brokers: &str, topic: &str, rate: f64, seconds: f64, series: usize, fea
     println!(r#"{{"records": {total}, "seconds": {:.3}}}"#, started.elapsed().as_secs_f64());
 }
 
-/// Score message timestamps (CreateTime: when the daemon produced the score) minus the window's
-/// end (the newest record's event time), over the whole scores topic.
-fn latency(brokers: &str, topic: &str) {
-    let c = consumer(brokers, &format!("latency-{}", std::process::id()), &[]);
-    let (low, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
-    c.subscribe(&[topic]).unwrap();
-    let mut ms = Vec::new();
-    while (ms.len() as i64) < high - low {
-        if let Some(m) = c.poll(Duration::from_millis(200)) {
-            let m = m.expect("consume");
-            let Timestamp::CreateTime(at) = m.timestamp() else { panic!("scores carry CreateTime") };
-            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            ms.push(at as f64 - v["window_end_ts"].as_f64().unwrap() * 1000.0);
+/// Where the time from event to score goes, from both topics: the input's (which must have
+/// `message.timestamp.type=LogAppendTime`: when the broker appended each record) and the scores'
+/// (CreateTime: when the daemon produced the score). A window is joined to its newest record by
+/// series and event time. Prints the quantiles of event → score, event → append (the producer
+/// and broker) and append → score (anomalyd, fetch included), each over the windows and records
+/// after the first 5 s of event time: the producer's start (connecting, fetching metadata) holds
+/// back the first few thousand records, and that is not the steady state.
+fn latency(brokers: &str, scores: &str, input: &str) {
+    let mut appended = std::collections::HashMap::new();
+    for m in messages(brokers, input) {
+        let Timestamp::LogAppendTime(at) = m.timestamp() else { panic!("{input} has no LogAppendTime") };
+        let payload = std::str::from_utf8(m.payload().unwrap()).unwrap();
+        let event: i64 = payload.split(';').next().unwrap().parse().unwrap();
+        appended.insert((m.key().unwrap().to_vec(), event), at);
+    }
+    let start = appended.keys().map(|&(_, event)| event).min().expect("records") + 5000;
+    let mut parts = [Vec::new(), Vec::new(), Vec::new()];
+    for m in messages(brokers, scores) {
+        let Timestamp::CreateTime(scored) = m.timestamp() else { panic!("scores carry CreateTime") };
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let event = (v["window_end_ts"].as_f64().unwrap() * 1000.0).round() as i64;
+        let at = appended[&(v["series"].as_str().unwrap().as_bytes().to_vec(), event)];
+        if event >= start {
+            parts[0].push(scored - event);
+            parts[2].push(scored - at);
         }
     }
-    ms.sort_by(f64::total_cmp);
+    parts[1] = appended.into_iter().filter(|&((_, event), _)| event >= start).map(|((_, event), at)| at - event).collect();
+    for (name, ms) in ["event to score", "event to broker append", "append to score (anomalyd)"].iter().zip(parts) {
+        println!("{name}: {}", quantiles(ms));
+    }
+}
+
+/// The latency floor next to `latency`: a consumer that only reads, with librdkafka's defaults,
+/// timing each of RECORDS records from the broker's append (LogAppendTime) to its arrival here,
+/// after the first 5 s as there.
+fn floor(brokers: &str, topic: &str, records: usize) {
+    let c = consumer(brokers, &format!("floor-{}", std::process::id()), &[]);
+    c.subscribe(&[topic]).unwrap();
+    let (mut n, mut start, mut ms) = (0, None, Vec::new());
+    while n < records {
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            let Timestamp::LogAppendTime(at) = m.expect("consume").timestamp() else { panic!("{topic} has no LogAppendTime") };
+            n += 1;
+            if at >= *start.get_or_insert(at + 5000) {
+                ms.push(now_ms() as i64 - at);
+            }
+        }
+    }
+    println!("append to a bare consumer: {}", quantiles(ms));
+}
+
+/// Every message of every partition of `topic`, from the start.
+fn messages(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
+    let c = consumer(brokers, &format!("latency-{}", std::process::id()), &[]);
+    let metadata = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let total: i64 = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| c.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).map(|(low, high)| high - low).unwrap())
+        .sum();
+    c.subscribe(&[topic]).unwrap();
+    let mut all = Vec::new();
+    while (all.len() as i64) < total {
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            all.push(m.expect("consume").detach());
+        }
+    }
+    all
+}
+
+fn quantiles(mut ms: Vec<i64>) -> String {
+    ms.sort_unstable();
     let q = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
-    println!(r#"{{"windows": {}, "p50_ms": {:.1}, "p99_ms": {:.1}, "max_ms": {:.1}}}"#, ms.len(), q(0.5), q(0.99), ms[ms.len() - 1]);
+    format!(
+        r#"{{"count": {}, "p50_ms": {}, "p90_ms": {}, "p99_ms": {}, "p99.9_ms": {}, "max_ms": {}}}"#,
+        ms.len(),
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        ms[ms.len() - 1]
+    )
 }
 
 fn main() {
@@ -153,7 +219,8 @@ fn main() {
         "preload" => preload(arg(2), arg(3), num(4), num(5), num(6)),
         "ceiling" => ceiling(arg(2), arg(3), num(4), &args[5..]),
         "paced" => paced(arg(2), arg(3), num(4) as f64, num(5) as f64, num(6), num(7)),
-        "latency" => latency(arg(2), arg(3)),
-        other => panic!("unknown command {other}: preload, ceiling, paced or latency"),
+        "latency" => latency(arg(2), arg(3), arg(4)),
+        "floor" => floor(arg(2), arg(3), num(4)),
+        other => panic!("unknown command {other}: preload, ceiling, paced, latency or floor"),
     }
 }

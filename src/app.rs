@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -98,6 +98,26 @@ struct WindowMeta {
 enum ToScoring {
     Batch(Batch),
     Swap(Vec<Scorer>),
+}
+
+/// Batches sent to scoring whose inference has not finished. While fewer are in flight than
+/// there are scorers, one sits idle: the window stage then sends what it has rather than wait
+/// for a full batch, so a quiet stream is scored at once and a busy one still in full batches.
+#[derive(Clone, Default)]
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn sent(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn done(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn below(&self, scorers: usize) -> bool {
+        self.0.load(Ordering::Relaxed) < scorers
+    }
 }
 
 struct Scored {
@@ -311,6 +331,9 @@ struct WindowStage {
     max_series: usize,
     batch_max: usize,
     batch_wait: Duration,
+    /// Scorers, and batches in flight on them: a partial batch goes early to an idle one.
+    scorers: usize,
+    in_flight: InFlight,
     idle_secs: f64,
     metrics: Arc<Metrics>,
     bad: BTreeMap<&'static str, u64>,
@@ -372,6 +395,7 @@ impl WindowStage {
         let next = self.new_batch();
         let full = std::mem::replace(&mut self.batch, next);
         self.update_gauges();
+        self.in_flight.sent();
         tx.send(ToScoring::Batch(full)).await.is_ok()
     }
 
@@ -392,7 +416,10 @@ impl WindowStage {
         // for every number in turn) and takes the new model.
         self.batch.model = self.model.clone();
         match swap.scorers {
-            Some(scorers) => tx.send(ToScoring::Swap(scorers)).await.is_ok(),
+            Some(scorers) => {
+                self.scorers = scorers.len();
+                tx.send(ToScoring::Swap(scorers)).await.is_ok()
+            }
             None => true,
         }
     }
@@ -557,7 +584,12 @@ impl WindowStage {
                     return;
                 }
             }
-            if self.offsets_dirty && self.deadline.is_none() {
+            if !self.batch.meta.is_empty() && rx.is_empty() && self.in_flight.below(self.scorers) {
+                // Nothing more to read now and a scorer idle: waiting would only add latency.
+                if !self.flush(&tx).await {
+                    return;
+                }
+            } else if self.offsets_dirty && self.deadline.is_none() {
                 // Offsets move with batches: make sure one goes even without windows.
                 self.deadline = Some(tokio::time::Instant::now() + self.batch_wait);
             }
@@ -597,7 +629,7 @@ fn same_layout(a: &Model, b: &Model) -> bool {
 /// Runs batches on the scorer pool (blocking threads), as many at once as there are scorers. A
 /// `Swap` replaces the pool: scorers of batches still in flight go back to the old pool, which
 /// nobody reads any more, and are dropped there.
-async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<ToScoring>, tx: mpsc::Sender<Scored>, metrics: Arc<Metrics>) {
+async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<ToScoring>, tx: mpsc::Sender<Scored>, in_flight: InFlight, metrics: Arc<Metrics>) {
     let new_pool = |scorers: Vec<Scorer>| {
         let (pool_tx, pool_rx) = mpsc::channel(scorers.len().max(1));
         for s in scorers {
@@ -615,13 +647,14 @@ async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<ToScoring>, tx: m
             }
             ToScoring::Batch(batch) if batch.meta.is_empty() => {
                 // Evictions only: nothing to score, but the alert stage must see it in order.
+                in_flight.done();
                 let _ = tx.send(Scored { batch, scores: Ok(Scores::default()) }).await;
                 continue;
             }
             ToScoring::Batch(batch) => batch,
         };
         let mut scorer: Scorer = pool_rx.recv().await.expect("the pool sender lives in this function");
-        let (pool_tx, tx, metrics) = (pool_tx.clone(), tx.clone(), metrics.clone());
+        let (pool_tx, tx, in_flight, metrics) = (pool_tx.clone(), tx.clone(), in_flight.clone(), metrics.clone());
         inflight.spawn(async move {
             let n = batch.meta.len();
             let (scorer, batch, scores, took) = tokio::task::spawn_blocking(move || {
@@ -631,6 +664,7 @@ async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<ToScoring>, tx: m
             })
             .await
             .expect("inference does not panic on valid buffers");
+            in_flight.done();
             metrics.inference_duration.observe(took.as_secs_f64());
             metrics.inference_batch.observe(n as f64);
             let _ = pool_tx.send(scorer).await;
@@ -960,6 +994,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         max_series: cfg.windows.max_series,
         batch_max: cfg.scoring.batch_max_windows,
         batch_wait: cfg.scoring.batch_max_wait(),
+        scorers: cfg.scoring.workers,
+        in_flight: InFlight::default(),
         idle_secs: cfg.windows.idle_timeout_secs,
         metrics: metrics.clone(),
         bad: BTreeMap::new(),
@@ -1016,8 +1052,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         (None, Some(consumer)) => tokio::spawn(consumer.run(line_tx, shutdown.child_token(), metrics.clone())),
         (None, None) => unreachable!("a source is a reader or a Kafka consumer"),
     };
+    let windows_in_flight = windows.in_flight.clone();
     let window_task = tokio::spawn(windows.run(line_rx, swap_rx, batch_tx));
-    let dispatch_task = tokio::spawn(dispatch(scorers, batch_rx, scored_tx, metrics.clone()));
+    let dispatch_task = tokio::spawn(dispatch(scorers, batch_rx, scored_tx, windows_in_flight, metrics.clone()));
     let alert_task = tokio::spawn(alerts.run(scored_rx));
     let reloader = crate::reload::Reloader {
         path: config_path,

@@ -179,7 +179,12 @@ impl Metrics {
                 &r,
                 "anomalyd_event_to_score_seconds",
                 "From a window's last event time to its score (wall clock).",
-                vec![0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0, 3600.0],
+                // Fine around tens of milliseconds, where a healthy stream's latency is, and up to
+                // an hour for replays and stalled upstreams.
+                vec![
+                    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    30.0, 300.0, 3600.0,
+                ],
             ),
             series_live: gauge(&r, "anomalyd_series_live", "Series with window state."),
             series_warming: gauge(&r, "anomalyd_series_warming", "Series still filling their first window."),
