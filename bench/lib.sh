@@ -22,6 +22,10 @@ start_broker() {
     exit 1
 }
 
+# The librdkafka properties anomalyd sets unless configured (src/source/kafka.rs, `connect`):
+# bench/run gives the ceiling and the Python baseline the same, so all read the topic alike.
+anomalyd_fetch=(fetch.queue.backoff.ms=10 queued.min.messages=5000 queued.max.messages.kbytes=2048 max.partition.fetch.bytes=262144)
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

@@ -263,9 +263,8 @@ def consume(args: argparse.Namespace) -> dict:
         "group.id": args.group,
         "auto.offset.reset": "earliest",
         "enable.auto.commit": True,  # the client's default, spelled out: offsets commit every 5 s
-        # anomalyd's fetch sizes (src/source/kafka.rs), so both read the topic alike.
-        "max.partition.fetch.bytes": 2097152,
-        "queued.max.messages.kbytes": 16384,
+        # bench/run passes anomalyd's fetch settings (src/source/kafka.rs), so both read alike.
+        **dict(p.split("=", 1) for p in args.consumer_property),
     })
     consumer.subscribe([args.topic])
     push = scorer.push
@@ -314,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="windows per onnxruntime run")
     p.add_argument("--poll-batch", type=int, default=1000, help="messages per Consumer.consume call")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="give up after this many seconds without records")
+    p.add_argument("--consumer-property", action="append", default=[], metavar="NAME=VALUE",
+                   help="a librdkafka property for the consumer (repeatable)")
     args = p.parse_args(argv)
     if args.records < 1 or args.stride < 1 or args.batch < 1 or args.poll_batch < 1:
         p.error("--records, --stride, --batch and --poll-batch must be >= 1")

@@ -331,7 +331,9 @@ struct WindowStage {
     max_series: usize,
     batch_max: usize,
     batch_wait: Duration,
-    /// Scorers, and batches in flight on them: a partial batch goes early to an idle one.
+    /// Scorers, and batches in flight on them: a partial batch goes early to an idle one
+    /// (`scoring.flush_when_idle`).
+    flush_when_idle: bool,
     scorers: usize,
     in_flight: InFlight,
     idle_secs: f64,
@@ -584,7 +586,7 @@ impl WindowStage {
                     return;
                 }
             }
-            if !self.batch.meta.is_empty() && rx.is_empty() && self.in_flight.below(self.scorers) {
+            if self.flush_when_idle && !self.batch.meta.is_empty() && rx.is_empty() && self.in_flight.below(self.scorers) {
                 // Nothing more to read now and a scorer idle: waiting would only add latency.
                 if !self.flush(&tx).await {
                     return;
@@ -994,6 +996,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         max_series: cfg.windows.max_series,
         batch_max: cfg.scoring.batch_max_windows,
         batch_wait: cfg.scoring.batch_max_wait(),
+        flush_when_idle: cfg.scoring.flush_when_idle,
         scorers: cfg.scoring.workers,
         in_flight: InFlight::default(),
         idle_secs: cfg.windows.idle_timeout_secs,

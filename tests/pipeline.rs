@@ -99,15 +99,30 @@ fn bad_records_are_counted_by_reason_and_never_stop_the_stream() {
     assert_eq!(d.stop(), 0);
 }
 
+/// Reads from stdin, which stays open; batches never fill and never time out.
+fn stdin_with_endless_batches(flush_when_idle: bool) -> String {
+    BASE.replace("kind = \"file\"", "kind = \"stdin\"")
+        + &format!("[scoring]\nbatch_max_windows = 100000\nbatch_max_wait_ms = 600000\nflush_when_idle = {flush_when_idle}\n")
+}
+
+#[test]
+fn a_partial_batch_goes_to_an_idle_worker_at_once() {
+    let records = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let mut d = Daemon::start_piped(&temp_dir("idle"), &stdin_with_endless_batches(true));
+    let lines: Vec<&str> = records.lines().collect();
+    d.send(&lines);
+    // As many windows as from the file.
+    d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "all 138 windows scored while the stream stays open");
+    assert_eq!(d.stop(), 0);
+}
+
 #[test]
 fn shutdown_scores_what_is_buffered_and_flushes_alerts() {
     let dir = temp_dir("drain");
     let records = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
-    // stdin stays open, so only the signal ends intake; batches never fill and never time out,
-    // so every window waits in the window stage until the drain.
-    let config = BASE.replace("kind = \"file\"", "kind = \"stdin\"")
-        + "[scoring]\nbatch_max_windows = 100000\nbatch_max_wait_ms = 600000\n";
-    let mut d = Daemon::start_piped(&dir, &config);
+    // Only the signal ends intake, and batches do not go to idle workers either, so every
+    // window waits in the window stage until the drain.
+    let mut d = Daemon::start_piped(&dir, &stdin_with_endless_batches(false));
     d.send(&records.lines().collect::<Vec<_>>());
     d.wait_for(|d| d.metric("anomalyd_records_received_total") == Some(201.0), "the whole stream read");
     std::thread::sleep(std::time::Duration::from_millis(200));

@@ -111,6 +111,7 @@ pub struct ScoringConfig {
     pub workers: usize,
     pub batch_max_windows: usize,
     pub batch_max_wait_ms: u64,
+    pub flush_when_idle: bool,
     pub onnxruntime_library: String,
 }
 
