@@ -45,7 +45,7 @@ stop_anomalyd() {
 
 # Writes an anomalyd config for the bench stream to $work/anomalyd.toml: MODEL, TOPIC, GROUP,
 # STRIDE, admin PORT, then extra TOML lines, then $BENCH_EXTRA_TOML (e.g. a [kafka.properties]
-# section to try other fetch sizes).
+# section to try other fetch settings).
 anomalyd_config() {
     local model=$1 topic=$2 group=$3 stride=$4 port=$5 extra=${6:-}
     local columns
