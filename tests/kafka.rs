@@ -108,6 +108,14 @@ impl Cluster {
         got.elements()[0].offset().to_raw().unwrap_or(-1)
     }
 
+    /// The committed offset trails to `needed`, the oldest record the (one) series' next window
+    /// still needs, or to up to 15 records before it: offsets are marked every 16 records of a
+    /// series (the caller makes sure no other record lies among those 15).
+    fn assert_commit_trails(&self, topic: &str, group: &str, needed: i64) {
+        let committed = self.committed(topic, group);
+        assert!((needed - 15..=needed).contains(&committed), "committed {committed}, the oldest needed record {needed}");
+    }
+
     /// Polls the scores topic until every `(series, window_end_ts)` of `want` is on it; returns
     /// those still missing after `timeout`.
     fn wait_for_scores(&self, scores_topic: &str, want: &[(String, i64)], timeout: Duration) -> Vec<(String, i64)> {
@@ -221,11 +229,9 @@ fn produced_records_are_scored_alerted_and_committed() {
     d.wait_for(|d| d.metric(&lag) == Some(0.0), "consumer lag 0 from librdkafka statistics");
     assert_eq!(d.stop(), 0);
     // Every record was handled, but the series' next window still needs its last W − 1 = 31
-    // records: the committed offset trails to the oldest of them, or up to 15 records before it
-    // (offsets are marked every 16 records of a series), so a restart refills the window.
-    let committed = c.committed(&topic, &group);
-    let needed = records.len() as i64 - 31;
-    assert!((needed - 15..=needed).contains(&committed), "committed {committed}, the oldest needed record {needed}");
+    // records: the committed offset trails to (a mark before) the oldest of them, so a restart
+    // refills the window.
+    c.assert_commit_trails(&topic, &group, records.len() as i64 - 31);
 }
 
 #[test]
@@ -315,11 +321,9 @@ fn poison_messages_are_dead_lettered_and_alerts_published() {
     }
     let events = c.read_all(&alerts_topic);
     assert!(events.iter().any(|(key, payload, _)| key.as_deref() == Some("pump") && payload.contains("\"event\":\"firing\"")));
-    // The poison did not stall the partition: the commit moved past it to the window's rows (or
-    // up to 15 of them before: offsets are marked every 16 records of a series).
-    let committed = c.committed(&topic, &group);
-    let needed = records.len() as i64 + 1 - 31;
-    assert!((needed - 15..=needed).contains(&committed), "committed {committed}, the oldest needed record {needed}");
+    // The poison did not stall the partition: the commit moved past it (the last at offset 150)
+    // to the window's rows.
+    c.assert_commit_trails(&topic, &group, records.len() as i64 + 1 - 31);
 }
 
 #[test]
