@@ -92,7 +92,7 @@ class WindowScorer:
     Independent of Kafka: `push` one record at a time, `flush` at the end. Rows are buffered
     transformed but unscaled (float64); the scaling `(t - mean) / std` runs once per batch on the
     (B, W, F) array, in float64 then cast to float32, which gives the same numbers as scaling each
-    row on arrival.
+    row on arrival. Columns marked `"window": "center"` then lose their window's mean (contract §2.5).
     """
 
     def __init__(self, model_dir: str | Path, stride: int = 1, batch: int = 64, columns: list[str] | None = None,
@@ -114,6 +114,7 @@ class WindowScorer:
         self.mean = np.array([c["mean"] for c in cols])
         self.std = np.array([c["std"] for c in cols])
         self.log1p = [c["transform"] == "log1p" for c in cols]
+        self.centered = [j for j, c in enumerate(cols) if c.get("window", "none") == "center"]
         self.any_log1p = any(self.log1p)
         self.threshold = float(meta["thresholds"]["value"])
 
@@ -240,6 +241,9 @@ class WindowScorer:
         if n == 0:
             return
         x = ((self.pending[:n] - self.mean) / self.std).astype(np.float32)  # (B, W, F)
+        for j in self.centered:
+            v = x[:, :, j].astype(np.float64)
+            x[:, :, j] = v - v.mean(axis=1, keepdims=True)
         score, feature_scores = self.session.run(self.output_names, {self.input_name: x})
         anomaly = score.astype(np.float64) / self.threshold
         self.windows += n

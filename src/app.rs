@@ -170,14 +170,15 @@ pub fn validate(cfg: &Config) -> Result<String> {
         return Err(anyhow!("source.path: {} is not a readable file", cfg.source.path.display()));
     }
     Ok(format!(
-        "model {} ({:?}, W={}, F={}), {} record fields, series by {:?}, time from {:?}",
+        "model {} ({:?}, W={}, F={}), {} record fields, series by {:?}, time from {:?}; threshold {}",
         model.meta.name,
         model.meta.model_kind,
         model.window_len(),
         model.n_features(),
         map.fields.len(),
         map.series,
-        map.timestamp.as_ref().map(|t| &t.0)
+        map.timestamp.as_ref().map(|t| &t.0),
+        model.meta.thresholds.describe()
     ))
 }
 

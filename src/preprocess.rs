@@ -1,11 +1,12 @@
-//! Raw field values → one scaled f32 feature row (docs/model-contract.md §1).
+//! Raw field values → one scaled f32 feature row (docs/model-contract.md §1), and the per-column
+//! step on an assembled window (§2.5).
 //!
 //! Built once per model from `preprocess.columns`; [`Preprocessor::fields`] tells the record
 //! parser which source fields to extract and in which order.
 
 use std::collections::HashMap;
 
-use crate::model::{ColumnMeta, ModelMeta, Transform};
+use crate::model::{ColumnMeta, ModelMeta, Transform, WindowTransform};
 use crate::record::{FieldKind, FieldSpec, Value};
 
 #[derive(Debug, Clone)]
@@ -23,6 +24,8 @@ pub struct Preprocessor {
     columns: Vec<Column>,
     /// Per categorical source: category → column index.
     one_hot: HashMap<usize, HashMap<String, usize>>,
+    /// Columns taken relative to their window's mean.
+    centered: Vec<usize>,
 }
 
 impl Preprocessor {
@@ -48,7 +51,8 @@ impl Preprocessor {
             }
             columns.push(Column { source, transform: c.transform, mean: c.mean, std: c.std });
         }
-        Preprocessor { fields, columns, one_hot }
+        let centered = meta_columns.iter().enumerate().filter(|(_, c)| c.window == WindowTransform::Center).map(|(j, _)| j).collect();
+        Preprocessor { fields, columns, one_hot, centered }
     }
 
     /// The source fields a record must carry, in the order `row` expects their values.
@@ -85,6 +89,19 @@ impl Preprocessor {
         }
         unknown
     }
+
+    /// Applies the window step to one assembled `W × F` window (row-major, oldest row first):
+    /// each centered column minus its mean over the window, the mean taken in f64 as the trainer does.
+    pub fn finish_window(&self, window: &mut [f32]) {
+        let f = self.columns.len();
+        for &j in &self.centered {
+            let rows = window.len() / f;
+            let mean = window.iter().skip(j).step_by(f).map(|&v| f64::from(v)).sum::<f64>() / rows as f64;
+            for v in window.iter_mut().skip(j).step_by(f) {
+                *v = (f64::from(*v) - mean) as f32;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -92,7 +109,15 @@ mod tests {
     use super::*;
 
     fn col(name: &str, source: &str, transform: Transform, category: Option<&str>, mean: f64, std: f64) -> ColumnMeta {
-        ColumnMeta { name: name.into(), source: source.into(), transform, category: category.map(Into::into), mean, std }
+        ColumnMeta {
+            name: name.into(),
+            source: source.into(),
+            transform,
+            category: category.map(Into::into),
+            mean,
+            std,
+            window: WindowTransform::None,
+        }
     }
 
     #[test]
@@ -110,5 +135,15 @@ mod tests {
         assert!(!unknown);
         assert!(p.row(&[Value::Num(0.0), Value::Text("icmp".into()), Value::Num(0.0)], &mut out));
         assert_eq!(&out[1..3], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn centers_only_the_centered_columns_of_a_window() {
+        let mut level = col("t", "t", Transform::None, None, 0.0, 1.0);
+        level.window = WindowTransform::Center;
+        let p = Preprocessor::from_columns(&[level, col("x", "x", Transform::None, None, 0.0, 1.0)]);
+        let mut window = [10.0, 1.0, 11.0, 2.0, 15.0, 3.0]; // W = 3 rows of (t, x)
+        p.finish_window(&mut window);
+        assert_eq!(window, [-2.0, 1.0, -1.0, 2.0, 3.0, 3.0]);
     }
 }

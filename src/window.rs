@@ -223,8 +223,10 @@ impl Windower {
             return Pushed { outcome: Outcome::Buffered, unknown_category, held };
         }
         // Oldest row first: the ring from `next` to the end, then from the start to `next`.
+        let start = out.len();
         out.extend_from_slice(&state.ring[state.next * f..]);
         out.extend_from_slice(&state.ring[..state.next * f]);
+        self.pre.finish_window(&mut out[start..]);
         Pushed { outcome: Outcome::Window { start_ts: state.times[state.next], end_ts: ts }, unknown_category, held }
     }
 }
@@ -242,6 +244,7 @@ mod tests {
             category: None,
             mean: 0.0,
             std: 1.0,
+            window: crate::model::WindowTransform::None,
         };
         Windower::new(WindowSpec { length, stride, max_gap_secs: gap, nan_policy }, Preprocessor::from_columns(&[col]))
     }
@@ -313,7 +316,15 @@ mod tests {
     fn a_row_dropped_for_one_field_still_fills_the_others_like_pandas_ffill() {
         let cols: Vec<ColumnMeta> = ["x", "y"]
             .iter()
-            .map(|n| ColumnMeta { name: (*n).into(), source: (*n).into(), transform: Transform::None, category: None, mean: 0.0, std: 1.0 })
+            .map(|n| ColumnMeta {
+                name: (*n).into(),
+                source: (*n).into(),
+                transform: Transform::None,
+                category: None,
+                mean: 0.0,
+                std: 1.0,
+                window: crate::model::WindowTransform::None,
+            })
             .collect();
         let spec = WindowSpec { length: 1, stride: 1, max_gap_secs: 0.0, nan_policy: NanPolicy::Ffill };
         let mut w = Windower::new(spec, Preprocessor::from_columns(&cols));

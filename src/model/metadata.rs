@@ -93,6 +93,19 @@ pub struct ColumnMeta {
     pub category: Option<String>,
     pub mean: f64,
     pub std: f64,
+    /// What happens to the column once its window is assembled; bundles before it have none.
+    #[serde(default)]
+    pub window: WindowTransform,
+}
+
+/// Contract §2.5: a per-column step on the assembled window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowTransform {
+    #[default]
+    None,
+    /// The column's values minus their mean over the window (mean in f64, result cast to f32).
+    Center,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -108,6 +121,42 @@ pub struct ThresholdsMeta {
     pub method: String,
     /// The raw score that maps to `anomaly_score = 1.0`.
     pub value: f64,
+    /// The share of normal windows expected above `value` (POT's target, or the quantile's tail).
+    #[serde(default)]
+    pub false_alarm_rate: Option<f64>,
+    /// How many out-of-sample normal windows the threshold rests on.
+    #[serde(default)]
+    pub calibration_windows: Option<u64>,
+    #[serde(default)]
+    pub source: Option<CalibrationSource>,
+}
+
+/// Where the calibration scores came from (contract §4).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CalibrationSource {
+    /// `holdout` or `cross_fit`.
+    pub kind: String,
+    #[serde(default)]
+    pub folds: Option<u32>,
+}
+
+impl ThresholdsMeta {
+    /// For people: "1.23 (pot, false-alarm rate 0.100%, from 306 windows of 3-fold cross-fitting)".
+    pub fn describe(&self) -> String {
+        let mut parts = vec![self.method.clone()];
+        if let Some(rate) = self.false_alarm_rate {
+            parts.push(format!("false-alarm rate {:.3}%", rate * 100.0));
+        }
+        if let Some(n) = self.calibration_windows {
+            let source = match &self.source {
+                Some(CalibrationSource { kind, folds: Some(k) }) if kind == "cross_fit" => format!(" of {k}-fold cross-fitting"),
+                Some(s) => format!(" ({})", s.kind),
+                None => String::new(),
+            };
+            parts.push(format!("from {n} windows{source}"));
+        }
+        format!("{} ({})", self.value, parts.join(", "))
+    }
 }
 
 /// The parts of the trainer's config the daemon needs: how records were read (the defaults of

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-pub use metadata::{ColumnMeta, ModelKind, ModelMeta, NanPolicy, Transform};
+pub use metadata::{ColumnMeta, ModelKind, ModelMeta, NanPolicy, Transform, WindowTransform};
 pub use session::{Scorer, Scores};
 
 /// Why a bundle was refused. Always names the file.
@@ -96,6 +96,9 @@ fn validate(meta: &ModelMeta) -> Result<(), String> {
         }
         if (c.transform == Transform::OneHot) != c.category.is_some() {
             return Err(format!("column {:?}: a category goes with transform one_hot, and only with it", c.name));
+        }
+        if c.window == WindowTransform::Center && (c.transform == Transform::OneHot || meta.window.length < 2) {
+            return Err(format!("column {:?}: window centering needs a numeric column and W >= 2", c.name));
         }
     }
     let t = meta.thresholds.value;

@@ -3,6 +3,7 @@
     anomalyd-train train --config trainer/configs/skab-convae.toml      # → runs/<name>/ and models/<name>/
     anomalyd-train export --run runs/<name> [--golden RECORDS]          # bundle (and golden vectors) again
     anomalyd-train evaluate --model models/<name> --data FILE... [--label-column C] [--skip-rows N]
+    anomalyd-train benchmark skab|nslkdd [--set ...] [--write docs/quality.md]   # public benchmarks
 
 Bad input ends with one line on stderr naming file, place and column, and exit code 2.
 """
@@ -14,9 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from .errors import ExportError, InputError
 
 EXIT_INPUT = 2
+EXIT_EXPORT = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--skip-rows", type=int, default=0,
                    help="windows ending in the first N rows of each series are context only (SKAB: 400)")
     v.add_argument("--json", help="also write the metrics here")
+    v.add_argument("--plot", metavar="PNG", help="VAE bundles: the test windows' latent means, normal and anomalous")
+
+    b = sub.add_parser("benchmark", help="detection quality on a public benchmark, through exported bundles")
+    b.add_argument("name", choices=["skab", "nslkdd"])
+    b.add_argument("--data", help="the dataset folder (default: ../shared/datasets/<skab/data | nsl-kdd>)")
+    b.add_argument("--config", help="training config (default: trainer/configs/skab-convae.toml | nslkdd-vae.toml)")
+    b.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    b.add_argument("--folders", nargs="+", default=["valve1", "valve2", "other"],
+                   help="skab: only these experiment folders")
+    b.add_argument("--write", metavar="DOC", help="replace this benchmark's section of DOC (docs/quality.md)")
+    b.add_argument("--json", help="also write the figures here")
     return p
 
 
@@ -63,10 +77,10 @@ def _export(run_dir: Path, out_dir: str | None, golden: str | None, golden_dir: 
     bundle_dir = Path(out_dir or result.cfg.export.out_dir) / result.cfg.export.name
     meta = write_bundle(result, bundle_dir)
     write_report(result, bundle_dir / "report.png")
-    t = meta["thresholds"]
     print(f"bundle {bundle_dir}: {meta['model_kind']}, W={meta['window']['length']}, F={len(meta['features'])}, "
-          f"threshold {t['value']:.6g} ({t['method']}), onnx max abs error "
-          f"{meta['validation']['onnx_max_abs_error']:.2e}, {(bundle_dir / 'model.onnx').stat().st_size} bytes")
+          f"{meta['validation']['multiply_adds']:,} multiply-adds per window, {result.thresholds.describe()}, "
+          f"onnx error {meta['validation']['onnx_max_error']:.2e} of the scores' scale, "
+          f"{(bundle_dir / 'model.onnx').stat().st_size} bytes")
     if golden:
         g = write_golden(Bundle(bundle_dir), Path(golden), Path(golden_dir) / result.cfg.export.name, {})
         print(f"golden vectors {Path(golden_dir) / result.cfg.export.name}: {len(g['windows'])} of "
@@ -92,13 +106,38 @@ def run(argv: list[str]) -> int:
         _export(Path(args.run), args.out_dir, args.golden, args.golden_dir)
     elif args.command == "evaluate":
         from .bundle import Bundle
-        from .evaluate import evaluate, format_table
+        from .evaluate import format_table, report as make_report, score_detectors
 
-        report = evaluate(Bundle(args.model), args.data, args.label_column, args.skip_rows, args.labels,
-                          args.train_data)
+        bundle = Bundle(args.model)
+        scored = score_detectors(bundle, args.data, args.label_column, args.skip_rows, args.labels, args.train_data)
+        report = make_report(scored, bundle.meta["name"])
         print(format_table(report))
+        if args.plot:
+            if scored.mu is None:
+                raise InputError("--plot needs a VAE bundle (its graph outputs the latent means)", file=args.model)
+            from .report import write_latent_plot
+
+            write_latent_plot(scored.mu, scored.labels, Path(args.plot), f"{bundle.meta['name']}: latent means of "
+                              f"{len(scored.labels):,} test windows")
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    elif args.command == "benchmark":
+        from . import benchmark
+
+        default = {"skab": ("skab/data", "skab-convae.toml"), "nslkdd": ("nsl-kdd", "nslkdd-vae.toml")}[args.name]
+        data = Path(args.data) if args.data else benchmark.DATASETS / default[0]
+        config = Path(args.config) if args.config else benchmark.REPO / "trainer/configs" / default[1]
+        if not data.is_dir():
+            raise InputError("dataset folder not found", file=data)
+        if args.name == "skab":
+            result = benchmark.skab(config, data, args.set, tuple(args.folders))
+        else:
+            result = benchmark.nslkdd(config, data, args.set)
+        print(benchmark.printable(result))
+        if args.write:
+            benchmark.write_section(Path(args.write), args.name, benchmark.markdown(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -108,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"anomalyd-train: error: {e}", file=sys.stderr)
         return EXIT_INPUT
+    except ExportError as e:
+        print(f"anomalyd-train: error: {e}", file=sys.stderr)
+        return EXIT_EXPORT
     except KeyboardInterrupt:
         print("anomalyd-train: interrupted", file=sys.stderr)
         return 130

@@ -30,6 +30,9 @@ class DataConfig:
     feature_columns: list[str] = field(default_factory=list)  # numeric features, in model order
     categorical_columns: list[str] = field(default_factory=list)  # one-hot encoded after numerics
     log1p_columns: list[str] = field(default_factory=list)  # numeric features taken as ln(1+x)
+    # Numeric features taken relative to their window's mean (W > 1): the model sees their shape, not
+    # their level, so slow level drift (temperatures, fill levels) raises no alarm; docs/trainer.md.
+    center_columns: list[str] = field(default_factory=list)
     label_column: str = ""  # evaluation only: 1/true/anything but the normal_labels = anomalous
     labels_file: str = ""  # evaluation only: labels in a separate CSV, joined on series columns + timestamp
     normal_labels: list[str] = field(default_factory=lambda: ["0", "0.0", "normal", "false", "False"])
@@ -45,19 +48,25 @@ class WindowConfig:
     stride: int = 1  # S, rows between window ends in training (the daemon scores every window)
     max_gap_secs: float = 0.0  # a larger step in time starts a new segment; 0 = never split
     nan_policy: str = "error"  # error | drop | ffill (see docs/model-contract.md)
-    constant_features: str = "error"  # error | keep (std = 1 for a feature constant in training)
+    # A feature constant in training: error | keep (scaled so that a departure by 1% of the constant counts
+    # as one standard deviation) | auto: keep for goflow2 flow features (a network without ICMP is
+    # normal, and ICMP then is news), error otherwise
+    constant_features: str = "auto"
 
 
 @dataclass
 class ModelConfig:
     kind: str = "conv_ae"  # conv_ae | vae
     channels: list[int] = field(default_factory=lambda: [32, 16])  # conv layers (W > 1)
-    kernel_size: int = 7  # odd
+    kernel_size: int = 5  # odd
     hidden: list[int] = field(default_factory=lambda: [64, 32])  # MLP layers (W = 1)
-    latent_dim: int = 8  # VAE latent size; MLP autoencoder bottleneck
+    latent_dim: int = 8  # the autoencoder's bottleneck (numbers per window); the VAE's latent size
     dropout: float = 0.1
     beta: float = 1.0  # VAE: weight of the KL term
-    vae_score: str = "nll"  # nll: −log N(mu; 0, I) | kl: KL(q(z|x) ‖ N(0, I)) (docs/model-contract.md §3)
+    # VAE latent term (docs/model-contract.md §3): density: −log p(mu) under a Gaussian mixture fitted to
+    # the latent means of normal training windows | nll: −log N(mu; 0, I) | kl: KL(q(z|x) ‖ N(0, I))
+    vae_score: str = "density"
+    vae_reconstruction: bool = True  # add ½·Σ(x − decode(mu))²: sees inputs the encoder maps to ordinary codes
 
 
 @dataclass
@@ -77,10 +86,16 @@ class TrainConfig:
 @dataclass
 class CalibrationConfig:
     quantile: float = 0.999
-    pot_initial_quantile: float = 0.98
+    pot_initial_quantile: float = 0.98  # lowered (down to 0.9) when fewer scores would leave < min_excesses above it
     false_alarm_rate: float = 1e-3
     min_excesses: int = 20
     method: str = "pot"  # pot | quantile: which threshold maps to anomaly_score 1.0
+    # Where the calibration scores come from (docs/model-contract.md §4): "holdout" = the calibration
+    # tail of each series; "cross_fit" = out-of-fold scores of models trained on the other time blocks,
+    # then one model trained on every row; "auto" = cross_fit when the holdout holds < min_holdout_windows.
+    source: str = "auto"  # auto | holdout | cross_fit
+    min_holdout_windows: int = 1000  # POT at 0.98 needs 1,000 scores for its 20 excesses
+    folds: int = 5  # at most; fewer when a series is short (every block keeps >= 4 * W rows)
 
 
 @dataclass
@@ -89,6 +104,13 @@ class ExportConfig:
     out_dir: str = "models"
     opset: int = 17
     parity_batches: int = 5  # random batch sizes checked torch vs onnxruntime
+
+
+def constant_policy(cfg: "Config") -> str:
+    """[window].constant_features with "auto" resolved."""
+    if cfg.window.constant_features == "auto":
+        return "keep" if cfg.data.format == "goflow2" else "error"
+    return cfg.window.constant_features
 
 
 @dataclass
@@ -107,11 +129,12 @@ class Config:
 CHOICES = {
     ("data", "format"): {"auto", "csv", "parquet", "ndjson", "goflow2"},
     ("window", "nan_policy"): {"error", "drop", "ffill"},
-    ("window", "constant_features"): {"error", "keep"},
+    ("window", "constant_features"): {"auto", "error", "keep"},
     ("model", "kind"): {"conv_ae", "vae"},
-    ("model", "vae_score"): {"kl", "nll"},
+    ("model", "vae_score"): {"density", "kl", "nll"},
     ("train", "device"): {"auto", "cpu", "cuda"},
     ("calibration", "method"): {"pot", "quantile"},
+    ("calibration", "source"): {"auto", "holdout", "cross_fit"},
 }
 
 
@@ -222,13 +245,18 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("[calibration].pot_initial_quantile", "must be in (0.5, 1)")
     if not 0 < c.false_alarm_rate < 1 - c.pot_initial_quantile:
         bad("[calibration].false_alarm_rate", "must be in (0, 1 - pot_initial_quantile)")
+    if c.folds < 2:
+        bad("[calibration].folds", "must be >= 2")
     d = cfg.data
     if d.format != "goflow2" and not d.feature_columns and not d.categorical_columns:
         bad("[data].feature_columns", "name at least one feature column")
     features = d.feature_columns or (FLOW_FEATURES if d.format == "goflow2" else [])
-    unknown_log = set(d.log1p_columns) - set(features)
-    if unknown_log:
-        bad("[data].log1p_columns", f"not in feature_columns: {sorted(unknown_log)}")
+    for key in ("log1p_columns", "center_columns"):
+        unknown = set(getattr(d, key)) - set(features)
+        if unknown:
+            bad(f"[data].{key}", f"not in feature_columns: {sorted(unknown)}")
+    if d.center_columns and w.length < 2:
+        bad("[data].center_columns", "centering needs windows of W >= 2 rows")
     if not d.csv_header and not d.column_names:
         bad("[data].column_names", "a headerless CSV needs column_names")
     if d.flow_bucket_secs < 1:

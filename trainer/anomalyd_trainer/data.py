@@ -267,9 +267,14 @@ def apply_nan_policy(table: Table, policy: str) -> Table:
 # === Preprocessor ===
 
 
+# A feature constant in training is kept (constant_features = "keep") with this scale, relative to
+# its magnitude: a departure by 1% of the constant counts as one training standard deviation would.
+CONSTANT_SCALE = 0.01
+
+
 @dataclass
 class Preprocessor:
-    """Per-feature transform and standard scaling, fitted on training rows only."""
+    """Per-feature transform and standard scaling, fitted on training rows only; optional window centering."""
 
     columns: list[dict]
 
@@ -278,8 +283,8 @@ class Preprocessor:
         return [c["name"] for c in self.columns]
 
     @classmethod
-    def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str], log1p: list[str],
-            constant_features: str, source: str) -> Preprocessor:
+    def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str], log1p: list[str] = (),
+            center: list[str] = (), constant_features: str = "error", source: str = "") -> Preprocessor:
         columns = []
         for col in numeric:
             transform = "log1p" if col in log1p else "none"
@@ -290,13 +295,13 @@ class Preprocessor:
                     raise InputError(
                         f"constant in the training data ({mean:g}), so it cannot be scaled; drop the column or set "
                         "[window].constant_features = \"keep\"", file=source, column=col)
-                std = 1.0
+                std = CONSTANT_SCALE * max(1.0, abs(mean))
             columns.append({"name": col, "source": col, "transform": transform, "category": None,
-                            "mean": mean, "std": std})
+                            "mean": mean, "std": std, "window": "center" if col in center else "none"})
         for col in categorical:
             for value in sorted(frame[col].unique()):
                 columns.append({"name": f"{col}={value}", "source": col, "transform": "one_hot",
-                                "category": value, "mean": 0.0, "std": 1.0})
+                                "category": value, "mean": 0.0, "std": 1.0, "window": "none"})
         return cls(columns)
 
     def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, int]:
@@ -315,6 +320,17 @@ class Preprocessor:
         for hit in seen.values():
             unknown |= ~hit
         return out.astype(np.float32), int(unknown.sum())
+
+    def center(self, x: np.ndarray) -> np.ndarray:
+        """(N, W, F) windows with the `center` columns taken relative to their window's mean (in place).
+
+        The mean is taken in f64 over the f32 values and the difference cast back to f32, as the daemon does.
+        """
+        for j, c in enumerate(self.columns):
+            if c.get("window", "none") == "center":
+                v = x[:, :, j].astype(np.float64)
+                x[:, :, j] = (v - v.mean(axis=1, keepdims=True)).astype(np.float32)
+        return x
 
 
 def _transform(x: np.ndarray, kind: str) -> np.ndarray:
@@ -365,14 +381,37 @@ def gather_windows(rows: np.ndarray, ends: np.ndarray, length: int) -> Windows:
     return Windows(rows[idx], ends)  # (N, W, F)
 
 
-def split_parts(series: np.ndarray, val_fraction: float, calib_fraction: float) -> np.ndarray:
-    """0 = train, 1 = validation, 2 = calibration: the head, then the two tails of each series in time."""
-    part = np.zeros(len(series), dtype=np.int8)
+def _series_bounds(series: np.ndarray) -> list[tuple[int, int]]:
     starts = np.flatnonzero(np.r_[True, series[1:] != series[:-1]])
-    for s, e in zip(starts, np.r_[starts[1:], len(series)]):
+    return list(zip(starts, np.r_[starts[1:], len(series)]))
+
+
+def split_parts(series: np.ndarray, val_fraction: float, calib_fraction: float, min_rows: int = 0) -> np.ndarray:
+    """0 = train, 1 = validation, 2 = calibration: the head, then the two tails of each series in time.
+
+    `min_rows` is the least a validation tail gets while the head keeps as many (so that short
+    series still give it a few windows).
+    """
+    part = np.zeros(len(series), dtype=np.int8)
+    for s, e in _series_bounds(series):
         n = e - s
         n_calib = int(round(n * calib_fraction))
         n_val = int(round(n * val_fraction))
+        if n - n_calib >= 2 * min_rows:
+            n_val = max(n_val, min_rows)
         part[e - n_calib - n_val: e - n_calib] = 1
         part[e - n_calib: e] = 2
     return part
+
+
+def time_blocks(series: np.ndarray, folds: int, min_rows: int) -> np.ndarray:
+    """Block id per row: each series cut into K equal runs in time, oldest first.
+
+    K is `folds`, fewer when the median series has under `min_rows` rows per block, and at least 2.
+    """
+    bounds = _series_bounds(series)
+    k = int(np.clip(np.median([e - s for s, e in bounds]) // min_rows, 2, folds))
+    blocks = np.zeros(len(series), dtype=np.int8)
+    for s, e in bounds:
+        blocks[s:e] = np.arange(e - s) * k // (e - s)
+    return blocks

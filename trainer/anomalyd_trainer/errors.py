@@ -23,3 +23,14 @@ class InputError(Exception):
         if self.column is not None:
             parts.append(f"column '{self.column}'")
         return ": ".join([", ".join(parts), self.message]) if parts else self.message
+
+
+class ExportError(Exception):
+    """A trained model that cannot be shipped (its ONNX graph does not reproduce it); names the file."""
+
+    def __init__(self, message: str, *, file=None):
+        super().__init__(message)
+        self.file = str(file) if file is not None else None
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.args[0]}" if self.file else self.args[0]

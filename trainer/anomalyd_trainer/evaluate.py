@@ -1,26 +1,31 @@
 """Evaluate a bundle on labelled data, next to trivial baselines scored the same way.
 
 Each window is labelled by its last row, the row at which the daemon would score it. Every
-detector's threshold comes from its own held-out normal scores (never from these labels):
+detector's threshold comes from its own out-of-sample normal scores (never from these labels):
 - the bundle: its calibrated threshold;
-- `pca`: PCA reconstruction error of the flattened scaled window, fitted on the bundle's training
-  split and calibrated on its calibration split with the same calibration config;
-- `random`: uniform random scores, calibrated the same way (so it almost never alarms);
+- `pca`: PCA reconstruction error of the flattened scaled window, trained on the bundle's training
+  data and calibrated by the same procedure (`train.calibrate`: holdout tail or cross-fit) and
+  calibration config as the bundle;
+- `random`: uniform random scores, calibrated on as many random scores (so it alarms at about the
+  calibrated false-alarm rate);
 - `always anomalous`: every window is an alarm (the F1 a detector must beat on imbalanced data).
 """
 
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .bundle import Bundle
 from .calibrate import Thresholds
+from .config import Config
+from .data import LABEL, SERIES, Table, apply_nan_policy, load_table
 from .errors import InputError
-from .data import LABEL, SERIES, apply_nan_policy, load_table, split_parts
-from .train import prepare
+from .model import MIN_DEVIATION
+from .train import Fitted, calibrate, fit_scaler, prepare
 
 
 def operating_point(labels: np.ndarray, alarms: np.ndarray) -> dict:
@@ -30,6 +35,7 @@ def operating_point(labels: np.ndarray, alarms: np.ndarray) -> dict:
     tn = int(np.sum(~alarms & (labels == 0)))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
+    # SKAB's core/metrics.py writes F1 as TP / (TP + (FN + FP) / 2): the same number.
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1,
             "false_alarm_rate": fp / (fp + tn) if fp + tn else 0.0,
@@ -61,6 +67,18 @@ class PCABaseline:
         return np.mean((flat - recon) ** 2, axis=1)
 
 
+def pca_fit_fn(cfg: Config, table: Table):
+    """A `train.FitFn` for the PCA baseline: its own scaler and components on the training rows."""
+
+    def fit_fn(part, train_ids, val_id=None, epochs=None, seed=None) -> Fitted:
+        pre, prepared = fit_scaler(cfg, table, part, train_ids)
+        x = prepared.windows.x[np.isin(part[prepared.windows.end_row], list(train_ids))]
+        pca = PCABaseline(x[:: max(1, len(x) // 50_000)])
+        return Fitted(pre, pca, pca.score, [], 0, prepared, part)
+
+    return fit_fn
+
+
 def _skip_mask(frame, end_rows: np.ndarray, skip_rows: int) -> np.ndarray:
     """True for windows whose last row is at position >= skip_rows in its series."""
     series = frame[SERIES].to_numpy()
@@ -69,50 +87,66 @@ def _skip_mask(frame, end_rows: np.ndarray, skip_rows: int) -> np.ndarray:
     return (end_rows - first[end_rows]) >= skip_rows
 
 
-def evaluate(bundle: Bundle, paths: list[str], label_column: str | None = None, skip_rows: int = 0,
-             labels_file: str | None = None, train_paths: list[str] | None = None, seed: int = 0) -> dict:
+@dataclass
+class Scored:
+    """Test windows' labels and every detector's normalised scores (1.0 = its own threshold)."""
+
+    labels: np.ndarray
+    scores: dict[str, np.ndarray]  # "model", "pca", "random"
+    pca_k: int
+    info: dict
+    mu: np.ndarray | None = None  # the VAE's latent means of the test windows
+
+
+def score_detectors(bundle: Bundle, paths: list[str], label_column: str | None = None, skip_rows: int = 0,
+                    labels_file: str | None = None, train_paths: list[str] | None = None, seed: int = 0) -> Scored:
     overrides = {"paths": paths, "head_rows": 0, "filter_column": ""}
     if label_column:
         overrides["label_column"] = label_column
     if labels_file:
         overrides["labels_file"] = labels_file
     cfg = bundle.data_config(**overrides)
-    test = load_table(cfg, with_labels=True)
-    prepared, scores, _ = bundle.score_table(test, cfg)
+    test = apply_nan_policy(load_table(cfg, with_labels=True), cfg.window.nan_policy)
+    prepared = prepare(test, bundle.preprocessor, cfg)
     keep = _skip_mask(prepared.table.frame, prepared.windows.end_row, skip_rows)
-    labels = prepared.table.frame[LABEL].to_numpy()[prepared.windows.end_row][keep]
-    scores = scores[keep]
     x_test = prepared.windows.x[keep]
+    outputs = bundle.run(x_test)
+    labels = prepared.table.frame[LABEL].to_numpy()[prepared.windows.end_row][keep]
 
-    # Baselines are fitted on the bundle's own training data, split exactly as in training.
+    # Baselines are trained on the bundle's own training data, and calibrated as it was.
     train_cfg = bundle.data_config(**({"paths": train_paths} if train_paths else {}))
     for p in train_cfg.data.paths:
         if not glob.glob(p):
-            raise InputError(f"the bundle's training data is not here (needed for the baselines); pass --train-data",
+            raise InputError("the bundle's training data is not here (needed for the baselines); pass --train-data",
                              file=p)
     train_cfg.window.stride = bundle.meta["window"]["stride"]
     train_table = apply_nan_policy(load_table(train_cfg), train_cfg.window.nan_policy)
-    part = split_parts(train_table.frame[SERIES].to_numpy(), train_cfg.train.val_fraction,
-                       train_cfg.train.calib_fraction)
-    tr = prepare(train_table, bundle.preprocessor, train_cfg, part)
-    end_part = part[tr.windows.end_row]
-    x_fit, x_calib = tr.windows.x[end_part == 0], tr.windows.x[end_part == 2]
-    pca = PCABaseline(x_fit[:: max(1, len(x_fit) // 50_000)])
-    pca_t = Thresholds(train_cfg.calibration).fit(pca.score(x_calib))
+    cal = calibrate(train_cfg, train_table, pca_fit_fn(train_cfg, train_table))
+    pca_t = Thresholds(train_cfg.calibration).fit(cal.scores, cal.source, MIN_DEVIATION**2)
+    pca_scores = cal.final.score(prepare(test, cal.final.preprocessor, cfg).windows.x[keep])
     rng = np.random.default_rng(seed)
-    rand_t = Thresholds(train_cfg.calibration).fit(rng.random(len(x_calib)))
-    random_scores = rng.random(len(labels))
-    pca_scores = pca.score(x_test)
+    rand_t = Thresholds(train_cfg.calibration).fit(rng.random(bundle.meta["thresholds"]["calibration_windows"]))
+    return Scored(labels, {"model": outputs["score"] / bundle.threshold, "pca": pca_t.normalise(pca_scores),
+                           "random": rand_t.normalise(rng.random(len(labels)))},
+                  cal.final.model.k, {"unknown_categories": prepared.unknown_categories,
+                                      "dropped": dict(prepared.table.dropped)}, outputs.get("mu"))
 
-    results = {
-        bundle.meta["name"]: metrics(labels, scores, scores / bundle.threshold > 1),
-        f"pca (k={pca.k})": metrics(labels, pca_scores, pca_t.normalise(pca_scores) > 1),
-        "random": metrics(labels, random_scores, rand_t.normalise(random_scores) > 1),
-        "always anomalous": metrics(labels, np.ones(len(labels)), np.ones(len(labels), dtype=bool)),
-    }
-    return {"windows": int(len(labels)), "anomalous_share": float(labels.mean()) if len(labels) else 0.0,
-            "unknown_categories": prepared.unknown_categories, "dropped": dict(prepared.table.dropped),
-            "detectors": results}
+
+def report(scored: Scored, model_name: str) -> dict:
+    """Metrics of every detector at its threshold (normalised score > 1), and threshold-free."""
+    y, s = scored.labels, scored.scores
+    detectors = {model_name: metrics(y, s["model"], s["model"] > 1),
+                 f"pca (k={scored.pca_k})": metrics(y, s["pca"], s["pca"] > 1),
+                 "random": metrics(y, s["random"], s["random"] > 1),
+                 "always anomalous": metrics(y, np.ones(len(y)), np.ones(len(y), dtype=bool))}
+    return {"windows": int(len(y)), "anomalous_share": float(y.mean()) if len(y) else 0.0, **scored.info,
+            "detectors": detectors}
+
+
+def evaluate(bundle: Bundle, paths: list[str], label_column: str | None = None, skip_rows: int = 0,
+             labels_file: str | None = None, train_paths: list[str] | None = None, seed: int = 0) -> dict:
+    scored = score_detectors(bundle, paths, label_column, skip_rows, labels_file, train_paths, seed)
+    return report(scored, bundle.meta["name"])
 
 
 def format_table(report: dict) -> str:

@@ -1,8 +1,9 @@
-"""report.png: what a person checks before shipping a bundle.
+"""report.png: what a person checks before shipping a bundle; and evaluate's latent-space plot.
 
-Top row: loss curves, and the calibration score histogram with both thresholds. Bottom row: three
-validation windows (lowest, median and highest score) against their reconstructions, on the
-feature that contributes most to each.
+Top row: loss curves, and the calibration score histogram with both thresholds; for a VAE also the
+latent space: a 2-D projection (principal components) of the latent means of held-out normal
+windows, coloured by score. Bottom row: three validation windows (lowest, median and highest
+score) against their reconstructions, on the feature that contributes most to each.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def write_report(result: TrainResult, path: Path) -> None:
     ax.set(title="Loss", xlabel="epoch", yscale="log")
     ax.legend()
 
-    ax = fig.add_subplot(grid[0, 1:])
+    vae = cfg.model.kind == "vae"
+    ax = fig.add_subplot(grid[0, 1] if vae else grid[0, 1:])
     scores = result.calib_scores
     bins = np.geomspace(max(scores.min(), 1e-9), max(scores.max(), result.thresholds.value) * 1.05, 60)
     ax.hist(scores, bins=bins, color="tab:blue", alpha=0.8)
@@ -45,12 +47,22 @@ def write_report(result: TrainResult, path: Path) -> None:
     ax.axvline(t["quantile"]["value"], color="tab:orange", ls="--", label=f"{t['quantile']['q']:.2%} quantile")
     if t["pot"]["value"] is not None:
         ax.axvline(t["pot"]["value"], color="tab:red", label=f"POT at {t['pot']['false_alarm_rate']:g} false alarms")
-    ax.set(title=f"Calibration scores ({len(scores)} held-out normal windows); threshold = {t['method']} → 1.0",
-           xlabel="raw score", xscale="log", yscale="log", ylabel="windows")
+    ax.set(title=f"{len(scores)} out-of-sample normal scores; {t['method']} → 1.0",
+           xlabel="raw calibration score", xscale="log", yscale="log", ylabel="windows")
     ax.legend()
 
     x = result.splits["val"].x
     val_scores, feats = score_windows(scorer_for(cfg.model, model), x)
+    if vae:
+        with torch.no_grad():
+            mu = model.encode(torch.from_numpy(x))[0].numpy()
+        ax = fig.add_subplot(grid[0, 2])
+        basis = _projection(mu)
+        p = (mu - basis[0]) @ basis[1]
+        dots = ax.scatter(p[:, 0], p[:, 1], c=val_scores / result.thresholds.value, s=4, cmap="viridis",
+                          norm=matplotlib.colors.LogNorm())
+        fig.colorbar(dots, ax=ax, label="anomaly_score")
+        ax.set(title=f"Latent means, {len(mu)} validation windows", xlabel="PC 1", ylabel="PC 2")
     picks = np.argsort(val_scores)[[0, len(val_scores) // 2, -1]]
     with torch.no_grad():
         recon = model(torch.from_numpy(x[picks])).numpy()
@@ -71,6 +83,31 @@ def write_report(result: TrainResult, path: Path) -> None:
         ax.set_title(f"{label} validation score: {val_scores[i] / result.thresholds.value:.2f}×threshold",
                      fontsize=10)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _projection(mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and the two leading principal directions (Z, 2) of latent means."""
+    mean = mu.mean(axis=0)
+    _, _, vt = np.linalg.svd(mu - mean, full_matrices=False)
+    return mean, vt[:2].T
+
+
+def write_latent_plot(mu: np.ndarray, labels: np.ndarray, path: Path, title: str, seed: int = 0) -> None:
+    """evaluate --plot: latent means of normal and anomalous test windows on their two principal components."""
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(len(mu))[:20_000]
+    mu, labels = mu[pick], labels[pick]
+    basis = _projection(mu)
+    p = (mu - basis[0]) @ basis[1]
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=90)
+    for value, name, color in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
+        ax.scatter(p[labels == value, 0], p[labels == value, 1], s=3, alpha=0.4, color=color,
+                   label=f"{name} ({int(np.sum(labels == value))})")
+    ax.set(title=title, xlabel="PC 1 of the latent means", ylabel="PC 2")
+    ax.legend(markerscale=4)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -61,7 +61,7 @@ def test_bundle_holds_the_contract(trained):
     assert float(props["anomalyd.threshold"]) == meta["thresholds"]["value"]
     assert model.opset_import[0].version == 17
     assert (trained["run"] / "config.json").exists() and (trained["run"] / "args.txt").exists()
-    assert "onnx max abs error" in trained["stdout"]
+    assert "of the scores' scale" in trained["stdout"] and "cross-fit windows" in trained["stdout"]
 
 
 def test_onnxruntime_matches_pytorch_at_random_batch_sizes(trained):
@@ -70,7 +70,7 @@ def test_onnxruntime_matches_pytorch_at_random_batch_sizes(trained):
     result = load_run(trained["run"])
     scorer = scorer_for(result.cfg.model, result.model)
     err = parity_check(scorer, trained["bundle"] / "model.onnx", result.splits["val"].x, trials=8, seed=3)
-    assert err < 1e-4
+    assert err["max_error"] < 1e-4 and err["max_abs_error"] < 1e-3
 
 
 def test_windows_are_scored_independently_of_their_batch(trained):

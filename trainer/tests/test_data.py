@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from anomalyd_trainer.config import load_config
-from anomalyd_trainer.data import (Preprocessor, apply_nan_policy, load_table, segment_ids, split_parts,
-                                   window_ends)
+from anomalyd_trainer.data import (Preprocessor, apply_nan_policy, gather_windows, load_table, segment_ids,
+                                   split_parts, time_blocks, window_ends)
 from anomalyd_trainer.errors import InputError
 from anomalyd_trainer.train import train
 
@@ -47,6 +47,33 @@ def test_splits_are_time_ordered_tails_of_each_series():
     part = split_parts(np.array(["a"] * 20 + ["b"] * 10), 0.2, 0.1)
     assert part[:20].tolist() == [0] * 14 + [1] * 4 + [2] * 2
     assert part[20:].tolist() == [0] * 7 + [1] * 2 + [2] * 1
+
+
+def test_short_series_keep_a_few_validation_windows():
+    """186 rows, W = 32: 15% is 28 rows, not one window; min_rows gives the tail W + 7 rows."""
+    part = split_parts(np.array(["a"] * 186), 0.15, 0.0, min_rows=39)
+    assert part.tolist() == [0] * 147 + [1] * 39
+    assert split_parts(np.array(["a"] * 60), 0.15, 0.0, min_rows=39).tolist() == [0] * 51 + [1] * 9
+
+
+def test_time_blocks_cut_each_series_in_order():
+    series = np.array(["a"] * 400 + ["b"] * 400)
+    blocks = time_blocks(series, folds=5, min_rows=128)  # 400 // 128 = 3 blocks of >= 128 rows
+    assert blocks[:400].tolist() == [0] * 134 + [1] * 133 + [2] * 133
+    assert blocks[400:].tolist() == blocks[:400].tolist()
+    assert time_blocks(np.array(["a"] * 100), folds=5, min_rows=128).max() == 1  # never fewer than 2
+    assert time_blocks(np.array(["a"] * 10_000), folds=5, min_rows=128).max() == 4
+
+
+def test_centered_columns_lose_their_level_and_keep_their_shape():
+    frame = pd.DataFrame({"temp": np.linspace(20, 80, 200), "x": np.sin(np.arange(200.0))})
+    pre = Preprocessor.fit(frame, ["temp", "x"], [], center=["temp"])
+    assert [c["window"] for c in pre.columns] == ["center", "none"]
+    rows, _ = pre.transform(frame)
+    x = pre.center(gather_windows(rows, np.arange(9, 200), 10).x)
+    np.testing.assert_allclose(x[:, :, 0].mean(axis=1), 0, atol=1e-6)
+    np.testing.assert_allclose(x[0, :, 0], x[-1, :, 0], atol=1e-5)  # same slope at 20° and at 80°
+    np.testing.assert_array_equal(x[:, :, 1], gather_windows(rows, np.arange(9, 200), 10).x[:, :, 1])
 
 
 def test_rows_are_sorted_by_time_and_duplicate_timestamps_dropped(tmp_path):
@@ -106,14 +133,14 @@ def test_constant_feature_is_an_error_unless_kept(tmp_path):
     path.write_text("ts,host,cpu,mem,lat\n" + "".join(f"{i},a,{i},7,{i % 3}\n" for i in range(50)))
     frame = load_table(load_config(write_config(tmp_path / "c.toml", path))).frame
     with pytest.raises(InputError, match="column 'mem': constant in the training data"):
-        Preprocessor.fit(frame, ["cpu", "mem", "lat"], [], [], "error", str(path))
-    kept = Preprocessor.fit(frame, ["cpu", "mem", "lat"], [], [], "keep", str(path))
-    assert kept.columns[1]["std"] == 1.0 and kept.columns[1]["mean"] == 7.0
+        Preprocessor.fit(frame, ["cpu", "mem", "lat"], [], constant_features="error", source=str(path))
+    kept = Preprocessor.fit(frame, ["cpu", "mem", "lat"], [], constant_features="keep", source=str(path))
+    assert kept.columns[1]["std"] == pytest.approx(0.07) and kept.columns[1]["mean"] == 7.0
 
 
 def test_scaling_log1p_and_one_hot_with_unknown_categories():
     frame = pd.DataFrame({"bytes": [0.0, 9.0, 99.0], "proto": ["tcp", "udp", "tcp"]})
-    pre = Preprocessor.fit(frame, ["bytes"], ["proto"], ["bytes"], "error", "x")
+    pre = Preprocessor.fit(frame, ["bytes"], ["proto"], log1p=["bytes"])
     assert pre.names == ["bytes", "proto=tcp", "proto=udp"]
     t = np.log1p([0.0, 9.0, 99.0])
     rows, unknown = pre.transform(pd.DataFrame({"bytes": [9.0, -5.0], "proto": ["udp", "icmp"]}))
