@@ -608,6 +608,7 @@ fn helm_chart_lints_and_renders_a_hardened_deployment_with_monitoring() {
         .output()
         .unwrap();
     assert!(validate.status.success(), "the chart's config: {}", text(&validate));
+    assert!(text(&validate).contains("from 1380 windows (holdout))"), "validate names the threshold's sample: {}", text(&validate));
 
     // Defaults: no Prometheus Operator objects, a fixed replica count, bundles copied from the image.
     let plain = template(&[]).unwrap();

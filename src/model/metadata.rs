@@ -192,3 +192,20 @@ impl Default for TrainingDataMeta {
         TrainingDataMeta { format: String::new(), flow_bucket_secs: 0, csv_delimiter: String::new(), csv_header: true, column_names: Vec::new() }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_say_what_they_rest_on() {
+        let t: ThresholdsMeta = serde_json::from_str(
+            r#"{"method": "pot", "value": 1.5, "false_alarm_rate": 0.001, "calibration_windows": 307,
+                "source": {"kind": "cross_fit", "folds": 3, "epochs": 12}, "tail": {"n": 307}}"#,
+        )
+        .unwrap();
+        assert_eq!(t.describe(), "1.5 (pot, false-alarm rate 0.100%, from 307 windows of 3-fold cross-fitting)");
+        let old: ThresholdsMeta = serde_json::from_str(r#"{"method": "quantile", "value": 2.0}"#).unwrap();
+        assert_eq!(old.describe(), "2 (quantile)");
+    }
+}
