@@ -6,7 +6,7 @@ never trained on (the validation and calibration tails) and the training file's 
 (`anomalyd_trainer.benchmark.nslkdd_selection_set`). KDDTest+ is used once, by
 `anomalyd-train benchmark nslkdd`, for the chosen config.
 
-    .venv/bin/python scripts/select_nslkdd_vae.py [--set model.hidden=[64,32] ...]   (about 10 minutes on 2 cores)
+    .venv/bin/python scripts/select_nslkdd_vae.py [--set model.hidden=[64,32] ...]   (about 8 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from sklearn.metrics import roc_auc_score
 
 from anomalyd_trainer.benchmark import nslkdd_selection_set
 from anomalyd_trainer.config import load_config
-from anomalyd_trainer.data import LABEL, Table
+from anomalyd_trainer.data import LABEL, Table, apply_nan_policy, load_table
 from anomalyd_trainer.evaluate import pca_fit_fn
-from anomalyd_trainer.train import calibrate, prepare, score_windows, train
 from anomalyd_trainer.model import scorer_for
-from anomalyd_trainer.data import apply_nan_policy, load_table
+from anomalyd_trainer.train import calibrate, prepare, score_windows, train
 
 CONFIG = Path(__file__).resolve().parent.parent / "trainer/configs/nslkdd-vae.toml"
 GRID = {"model.vae_score": ['"density"', '"nll"', '"kl"'], "model.vae_reconstruction": ["true", "false"],

@@ -42,12 +42,16 @@ SKAB_SUBSETS = {"valve1 (selection)": ("valve1",), "valve2 + other (held out)": 
                 "all 34 files": ("valve1", "valve2", "other")}
 # Quoted, not measured here: SKAB's README leaderboard (outlier detection, waico/SKAB) and the
 # dataset README in ../shared/datasets. Their protocol differs (see docs/quality.md).
-SKAB_PUBLISHED = [("Conv-AE (SKAB leaderboard)", 0.78, 0.1355, 0.2802), ("MSET (SKAB leaderboard)", 0.78, 0.3973, 0.1413),
-                  ("T²+Q, PCA (SKAB leaderboard)", 0.76, 0.2662, 0.2492), ("T² (SKAB leaderboard)", 0.66, 0.192, None),
+# (name, F1, false-alarm rate, missed-alarm rate)
+SKAB_PUBLISHED = [("Conv-AE (SKAB leaderboard)", 0.78, 0.1355, 0.2802),
+                  ("MSET (SKAB leaderboard)", 0.78, 0.3973, 0.1413),
+                  ("T²+Q, PCA (SKAB leaderboard)", 0.76, 0.2662, 0.2492),
+                  ("T² (SKAB leaderboard)", 0.66, 0.192, None),
                   ("LSTM-AE (SKAB leaderboard)", 0.74, 0.2996, 0.2592)]
-NSLKDD_PUBLISHED = ("Published on KDDTest+ (../shared/datasets/README.md): semi-supervised autoencoders 88.3% (AE) to "
-                    "90.2% (AutoIDS) accuracy; PCA reconstruction ROC-AUC about 0.96; β-VAE on normal traffic, "
-                    "reconstruction ROC-AUC 0.962–0.968, k-NN distance in latent space 0.975 (as quoted in issue 11).")
+NSLKDD_PUBLISHED = ("Published on KDDTest+ (../shared/datasets/README.md): semi-supervised autoencoders 88.3% (AE) "
+                    "to 90.2% (AutoIDS) accuracy; PCA reconstruction ROC-AUC about 0.96; β-VAE on normal traffic, "
+                    "reconstruction ROC-AUC 0.962–0.968, k-NN distance in latent space 0.975 (as quoted in issue "
+                    "11).")
 CELLS = ["roc_auc", "average_precision", "precision", "recall", "f1", "false_alarm_rate", "missed_alarm_rate",
          "accuracy"]
 HEAD = ["detector", "ROC-AUC", "AUC-PR", "precision", "recall", "F1", "false-alarm", "missed", "accuracy"]
@@ -123,7 +127,7 @@ def skab(config: Path, data: Path, overrides: list[str], folders: tuple[str, ...
 
 
 def _pooled(scored: list[Scored]) -> dict:
-    """Every detector's metrics over the windows of all these files (normalised scores: 1.0 is each file's threshold)."""
+    """Every detector's metrics over the windows of all these files (1.0 is each file's own threshold)."""
     y = np.concatenate([s.labels for s in scored])
     detectors = {}
     for key, name in (("model", "conv-AE (anomalyd)"), ("pca", "PCA reconstruction"), ("random", "random")):
@@ -238,6 +242,7 @@ def printable(result: dict) -> str:
     for name, rep in result["subsets"].items():
         out += [f"== {name} ==", format_table(rep)]
     c = result["cost"]
-    out.append(f"inference: {c['multiply_adds']:,} multiply-adds per window, {c['windows_per_s']:,.0f} windows/s per core")
+    out.append(f"inference: {c['multiply_adds']:,} multiply-adds per window, "
+               f"{c['windows_per_s']:,.0f} windows/s per core")
     return "\n".join(out)
 

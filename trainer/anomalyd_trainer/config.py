@@ -106,7 +106,7 @@ class ExportConfig:
     parity_batches: int = 5  # random batch sizes checked torch vs onnxruntime
 
 
-def constant_policy(cfg: "Config") -> str:
+def constant_policy(cfg: Config) -> str:
     """[window].constant_features with "auto" resolved."""
     if cfg.window.constant_features == "auto":
         return "keep" if cfg.data.format == "goflow2" else "error"

@@ -189,7 +189,9 @@ class VAE(nn.Module):
         log_det = np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
         proj = prec_chol.transpose(1, 0, 2).reshape(z, k * z)  # column block k is P_k
         offset = np.einsum("kz,kzy->ky", gm.means_, prec_chol).reshape(k * z)
-        as_buffer = lambda a: torch.tensor(a, dtype=torch.float32, device=self.mix_proj.device)  # noqa: E731
+        def as_buffer(a: np.ndarray) -> torch.Tensor:
+            return torch.tensor(a, dtype=torch.float32, device=self.mix_proj.device)
+
         self.mix_log_norm = as_buffer(np.log(gm.weights_) + log_det - 0.5 * z * math.log(2 * math.pi))
         self.mix_proj, self.mix_offset = as_buffer(proj), as_buffer(offset)
 
