@@ -126,6 +126,18 @@ def test_evaluate_finds_injected_anomalies_and_prints_baselines(trained, tmp_pat
     assert "ROC-AUC" in out.stdout and json.loads((tmp_path / "m.json").read_text())["windows"] == report["windows"]
 
 
+def test_evaluate_plots_a_vaes_latent_space_and_refuses_for_an_autoencoder(trained, tmp_path):
+    test = write_series_csv(tmp_path / "test.csv", rows=200, series=2, seed=12, anomaly_at=100)
+    args = ["evaluate", "--model", str(trained["bundle"]), "--data", str(test), "--plot", str(tmp_path / "z.png")]
+    proc = subprocess.run([sys.executable, "-m", "anomalyd_trainer", *args], capture_output=True, text=True)
+    if trained["kind"] == "vae":
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "z.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert proc.returncode == 2 and "--plot needs a VAE bundle" in proc.stderr
+        assert not (tmp_path / "z.png").exists()
+
+
 def test_training_is_deterministic_on_cpu(tmp_path):
     data = write_series_csv(tmp_path / "d.csv", rows=300, series=1)
     cfg = load_config(write_config(tmp_path / "c.toml", data, train={"epochs": 3}))
