@@ -20,6 +20,22 @@ def test_pot_recovers_an_exponential_tail():
         assert pot["value"] == pytest.approx(-math.log(q), rel=0.05)
 
 
+@pytest.mark.parametrize("name", ["exponential", "gpd heavy", "gpd bounded", "lognormal"])
+def test_pot_agrees_with_the_libspot_reference(name):
+    """libspot (Siffer et al.'s SPOT, PyPI) initialised on the same scores: the same threshold."""
+    import libspot
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    x = {"exponential": lambda: rng.exponential(size=20_000),
+         "gpd heavy": lambda: stats.genpareto.rvs(0.3, size=20_000, random_state=rng),
+         "gpd bounded": lambda: stats.genpareto.rvs(-0.2, size=20_000, random_state=rng),
+         "lognormal": lambda: rng.lognormal(0, 1, 20_000)}[name]()
+    spot = libspot.Spot(q=1e-3, level=0.98)
+    spot.fit(x)
+    assert pot_threshold(x, 0.98, 1e-3, 20)["value"] == pytest.approx(spot.anomaly_threshold, rel=0.01)
+
+
 def test_thresholds_refuse_to_normalise_before_fit():
     t = Thresholds(CalibrationConfig())
     with pytest.raises(RuntimeError, match="before fit"):
