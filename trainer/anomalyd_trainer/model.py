@@ -261,7 +261,7 @@ def score_kind(cfg: ModelConfig) -> str:
 
 
 # The least deviation a threshold stands for, in training standard deviations per value.
-MIN_DEVIATION = 0.1
+MIN_DEVIATION = 0.01
 
 
 def score_floor(cfg: ModelConfig, window: int, n_features: int) -> float:
