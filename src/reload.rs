@@ -18,8 +18,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::app::{build_scorers, field_map, publish_model, ModelInUse, ModelSwap};
 use crate::config::{AlertRules, Config};
+use crate::mapping::field_map;
+use crate::model::lifecycle::{build_scorers, publish_model, ModelInUse, ModelSwap};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
 use crate::telemetry::metrics::Metrics;

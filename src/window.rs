@@ -106,6 +106,10 @@ impl Windower {
         Windower { spec, pre, max_series, series: HashMap::new(), warming: 0, row: vec![0.0; width], values: Vec::new() }
     }
 
+    pub fn spec(&self) -> WindowSpec {
+        self.spec
+    }
+
     pub fn live_series(&self) -> usize {
         self.series.len()
     }

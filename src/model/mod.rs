@@ -5,6 +5,7 @@
 //! broken bundle is refused with a message naming the file and the reason, and a running daemon
 //! can keep its old model.
 
+pub mod lifecycle;
 pub mod metadata;
 pub mod session;
 

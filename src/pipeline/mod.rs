@@ -1,0 +1,82 @@
+//! The stages between a source and the outputs, and what travels between them:
+//!
+//! ```text
+//! lines ──▶ window_stage ──Batch──▶ dispatch ──(blocking) scorers──Scored──▶ alert_stage ──Pending──▶ commit
+//! ```
+//!
+//! Each stage is one task that owns its state and ends when its input channel closes, after
+//! finishing what it holds; `app` builds and wires them.
+
+pub mod alert_stage;
+pub mod commit;
+pub mod dispatch;
+pub mod window_stage;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rdkafka::producer::DeliveryFuture;
+
+use crate::model::lifecycle::ModelInUse;
+use crate::model::{Scorer, Scores};
+use crate::sink::kafka::Output;
+use crate::source::offsets::Acks;
+
+/// Windows of one inference call, with what the alert stage needs to know about each.
+pub struct Batch {
+    seq: u64,
+    model: Arc<ModelInUse>,
+    windows: Vec<f32>,
+    meta: Vec<WindowMeta>,
+    /// Series evicted (idle) since the previous batch: the alert stage forgets them after this
+    /// batch's windows, so their per-series state and gauges go too.
+    evicted: Vec<String>,
+    /// Kafka offsets safe to store once this batch is scored.
+    acks: Acks,
+    /// Dead letters enqueued since the previous batch: delivered before the batch's offsets are
+    /// stored.
+    deliveries: Vec<(DeliveryFuture, Output)>,
+}
+
+impl Batch {
+    /// No windows yet, for `model`.
+    pub fn empty(seq: u64, model: Arc<ModelInUse>) -> Batch {
+        Batch { seq, model, windows: Vec::new(), meta: Vec::new(), evicted: Vec::new(), acks: Acks::default(), deliveries: Vec::new() }
+    }
+}
+
+pub struct WindowMeta {
+    series: String,
+    start_ts: f64,
+    end_ts: f64,
+}
+
+pub enum ToScoring {
+    Batch(Batch),
+    Swap(Vec<Scorer>),
+}
+
+/// Batches sent to scoring whose inference has not finished. While fewer are in flight than
+/// there are scorers, one sits idle: the window stage then sends what it has rather than wait
+/// for a full batch, so a quiet stream is scored at once and a busy one still in full batches.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn sent(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn done(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn below(&self, scorers: usize) -> bool {
+        self.0.load(Ordering::Relaxed) < scorers
+    }
+}
+
+pub struct Scored {
+    batch: Batch,
+    scores: Result<Scores, String>,
+}

@@ -1,0 +1,125 @@
+//! The Kafka outputs: dead letters, scores and alert events, through one idempotent producer.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tracing::{error, warn};
+
+use crate::config::KafkaConfig;
+use crate::source::kafka::{client_config, Topics};
+use crate::source::Origin;
+
+/// Which Kafka output a message was for (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// With the reason the record was dropped.
+    DeadLetter(&'static str),
+    Score,
+    Alert,
+}
+
+impl Output {
+    pub fn label(self) -> &'static str {
+        match self {
+            Output::DeadLetter(_) => "dead_letter",
+            Output::Score => "score",
+            Output::Alert => "alert",
+        }
+    }
+}
+
+/// The Kafka outputs: dead letters, scores and alert events, through one idempotent producer.
+#[derive(Clone)]
+pub struct KafkaSinks {
+    producer: FutureProducer,
+    topics: Topics,
+    dead_letter_topic: Option<String>,
+    scores_topic: Option<String>,
+    alerts_topic: Option<String>,
+}
+
+impl KafkaSinks {
+    /// `None` when no output topic is configured.
+    pub fn new(cfg: &KafkaConfig, topics: Topics) -> Result<Option<KafkaSinks>> {
+        let topic = |t: &str| (!t.is_empty()).then(|| t.to_string());
+        let sinks = (topic(&cfg.dead_letter_topic), topic(&cfg.scores_topic), topic(&cfg.alerts_topic));
+        if sinks == (None, None, None) {
+            return Ok(None);
+        }
+        let producer: FutureProducer = client_config(cfg)
+            .set("enable.idempotence", "true")
+            .create()
+            .context("kafka: creating the producer")?;
+        let (dead_letter_topic, scores_topic, alerts_topic) = sinks;
+        Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, scores_topic, alerts_topic }))
+    }
+
+    pub fn dead_letters(&self) -> bool {
+        self.dead_letter_topic.is_some()
+    }
+
+    pub fn scores(&self) -> bool {
+        self.scores_topic.is_some()
+    }
+
+    pub fn alerts(&self) -> bool {
+        self.alerts_topic.is_some()
+    }
+
+    /// Enqueues a message, waiting while librdkafka's queue is full; `None` (logged) when the
+    /// producer refuses it for another reason.
+    async fn send(&self, mut record: FutureRecord<'_, [u8], [u8]>) -> Option<DeliveryFuture> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Some(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, r)) => {
+                    warn!(%error, topic = r.topic, "Kafka message not enqueued.");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The original key and bytes, with headers naming the error and where the record came from.
+    pub async fn dead_letter(&self, payload: &[u8], origin: &Origin, reason: &str, error: &str) -> Option<DeliveryFuture> {
+        let topic = self.dead_letter_topic.as_ref()?;
+        let (source, partition, offset) = (self.topics.name(origin.ack.topic), origin.ack.partition.to_string(), origin.ack.offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "anomalyd.error", value: Some(reason) })
+            .insert(Header { key: "anomalyd.error_message", value: Some(error) })
+            .insert(Header { key: "anomalyd.source_topic", value: Some(source.as_str()) })
+            .insert(Header { key: "anomalyd.source_partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "anomalyd.source_offset", value: Some(offset.as_str()) });
+        let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
+        if let Some(key) = &origin.key {
+            record = record.key(key.as_slice());
+        }
+        self.send(record).await
+    }
+
+    /// A window's score (JSON), keyed by series.
+    pub async fn score(&self, series: &str, line: &str) -> Option<DeliveryFuture> {
+        let topic = self.scores_topic.as_ref()?;
+        self.send(FutureRecord::to(topic).key(series.as_bytes()).payload(line.as_bytes())).await
+    }
+
+    /// An alert event (JSON), keyed by series so one series' events stay in order.
+    pub async fn alert(&self, series: &str, event: &str) -> Option<DeliveryFuture> {
+        let topic = self.alerts_topic.as_ref()?;
+        self.send(FutureRecord::to(topic).key(series.as_bytes()).payload(event.as_bytes())).await
+    }
+
+    /// Waits (bounded) for everything enqueued to be delivered: at shutdown, before the commit.
+    pub fn flush(&self) {
+        if let Err(error) = self.producer.flush(Duration::from_secs(10)) {
+            error!(%error, "Kafka producer flush at shutdown failed; some output may be lost.");
+        }
+    }
+}
