@@ -157,7 +157,15 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         _ => (None, None),
     };
     let (committer_tx, committer_task) = committer.unzip();
-    let alerts = AlertStage::new(metrics.clone(), committer_tx, rules_rx, Tracker::new(cfg.alerting.clone()), open_sink(&cfg)?, open_scores(&cfg)?, sinks.clone());
+    let alerts = AlertStage {
+        metrics: metrics.clone(),
+        committer: committer_tx,
+        rules: rules_rx,
+        tracker: Tracker::new(cfg.alerting.clone()),
+        sink: open_sink(&cfg)?,
+        scores: open_scores(&cfg)?,
+        sinks: sinks.clone(),
+    };
 
     let (line_tx, line_rx) = mpsc::channel(LINE_QUEUE);
     let (swap_tx, swap_rx) = mpsc::channel(1);

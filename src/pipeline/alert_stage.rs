@@ -17,32 +17,23 @@ use crate::config::AlertRules;
 use crate::sink::kafka::{KafkaSinks, Output};
 use crate::telemetry::metrics::Metrics;
 
+/// Built by `app` from its parts; everything it holds is its own until the input closes.
 pub struct AlertStage {
-    metrics: Arc<Metrics>,
+    pub metrics: Arc<Metrics>,
     /// Kafka source: each handled batch's outputs and offsets go to the committer.
-    committer: Option<mpsc::Sender<Pending>>,
-    rules: watch::Receiver<AlertRules>,
-    tracker: Tracker,
-    sink: Box<dyn Write + Send>,
+    pub committer: Option<mpsc::Sender<Pending>>,
+    /// Alert policy and per-series overrides, swapped by a reload.
+    pub rules: watch::Receiver<AlertRules>,
+    pub tracker: Tracker,
+    /// Alert events as JSON lines (`alerts.sink`).
+    pub sink: Box<dyn Write + Send>,
     /// `alerts.scores_path`: every scored window.
-    scores: Option<Box<dyn Write + Send>>,
+    pub scores: Option<Box<dyn Write + Send>>,
     /// Kafka outputs, for scores and alert events.
-    sinks: Option<KafkaSinks>,
+    pub sinks: Option<KafkaSinks>,
 }
 
 impl AlertStage {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        committer: Option<mpsc::Sender<Pending>>,
-        rules: watch::Receiver<AlertRules>,
-        tracker: Tracker,
-        sink: Box<dyn Write + Send>,
-        scores: Option<Box<dyn Write + Send>>,
-        sinks: Option<KafkaSinks>,
-    ) -> AlertStage {
-        AlertStage { metrics, committer, rules, tracker, sink, scores, sinks }
-    }
-
     /// Handles batches strictly in sequence order: windows of one series must reach the alert
     /// state machine in event-time order, and batches can finish inference out of order.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Scored>) {
