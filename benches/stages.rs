@@ -26,11 +26,8 @@ struct Fixture {
 fn fixture() -> Fixture {
     let model = Model::load(repo().join("models/skab-convae")).unwrap();
     let pre = Preprocessor::new(&model.meta);
-    let map = FieldMap {
-        timestamp: Some(("ts".into(), TimeFormat::UnixSecs)),
-        series: vec!["series".into()],
-        fields: pre.fields().to_vec(),
-    };
+    let map =
+        FieldMap { timestamp: Some(("ts".into(), TimeFormat::UnixSecs)), series: vec!["series".into()], fields: pre.fields().to_vec() };
     let text = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
     let mut rows = text.lines();
     let header: Vec<String> = rows.next().unwrap().split(';').skip(1).map(String::from).collect();

@@ -42,10 +42,6 @@ async fn ready(State(s): State<AdminState>) -> (StatusCode, &'static str) {
 
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/live", get(live))
-        .route("/ready", get(ready))
-        .with_state(state);
+    let app = Router::new().route("/metrics", get(metrics)).route("/live", get(live)).route("/ready", get(ready)).with_state(state);
     axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
 }

@@ -84,11 +84,9 @@ impl Policy {
     /// The first problem found, naming the field. The tracker never panics on a policy that fails
     /// this, but its behaviour then is unspecified; config loading is where this is enforced.
     pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [
-            ("min_anomaly_score", self.min_anomaly_score),
-            ("min_deviation", self.min_deviation),
-            ("cooldown_secs", self.cooldown_secs),
-        ] {
+        for (name, v) in
+            [("min_anomaly_score", self.min_anomaly_score), ("min_deviation", self.min_deviation), ("cooldown_secs", self.cooldown_secs)]
+        {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!("{name} ({v}) must be a finite number >= 0"));
             }
@@ -660,10 +658,7 @@ mod tests {
     fn policy_deserialises_with_snake_case_direction_and_defaults() {
         let p: Policy = serde_json::from_str(r#"{"min_anomaly_score": 1.5, "direction": "below", "fire_hits": 2, "fire_windows": 4}"#)
             .expect("valid policy");
-        assert_eq!(
-            p,
-            Policy { min_anomaly_score: 1.5, direction: Direction::Below, fire_hits: 2, fire_windows: 4, ..Policy::default() }
-        );
+        assert_eq!(p, Policy { min_anomaly_score: 1.5, direction: Direction::Below, fire_hits: 2, fire_windows: 4, ..Policy::default() });
         let p: Policy = serde_json::from_str("{}").expect("all fields default");
         assert_eq!(p, Policy::default());
         assert!(serde_json::from_str::<Policy>(r#"{"direction": "Below"}"#).is_err());

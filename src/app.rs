@@ -119,9 +119,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         }
     };
 
-    let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
-        .await
-        .with_context(|| format!("admin.listen: cannot bind {}", cfg.admin.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(cfg.admin.listen).await.with_context(|| format!("admin.listen: cannot bind {}", cfg.admin.listen))?;
     info!(address = %listener.local_addr()?, "Admin server listening.");
     let ready = Arc::new(AtomicBool::new(false));
     let admin_stop = CancellationToken::new();
@@ -142,7 +141,15 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         Some(parser) => RecordInput::Lines(parser),
         None => RecordInput::Flows(flow_input(&model, &cfg)?),
     };
-    let windows = WindowStage::new(&cfg, input, default_series, in_use.clone(), Windower::with_max_series(spec, pre, cfg.windows.max_series), metrics.clone(), sinks.clone());
+    let windows = WindowStage::new(
+        &cfg,
+        input,
+        default_series,
+        in_use.clone(),
+        Windower::with_max_series(spec, pre, cfg.windows.max_series),
+        metrics.clone(),
+        sinks.clone(),
+    );
     let label_names = map_series.clone();
     let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules(&label_names));
     let (kafka, committer) = match cfg.source.kind {
@@ -173,7 +180,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let (scored_tx, scored_rx) = mpsc::channel(cfg.scoring.workers * 2);
     let header_next = windows.header_next();
     let source = match (reader, kafka) {
-        (Some(reader), _) => tokio::spawn(read_source(reader, header_next, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone())),
+        (Some(reader), _) => {
+            tokio::spawn(read_source(reader, header_next, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone()))
+        }
         (None, Some(consumer)) => tokio::spawn(consumer.run(line_tx, shutdown.child_token(), metrics.clone())),
         (None, None) => unreachable!("a source is a reader or a Kafka consumer"),
     };

@@ -169,9 +169,9 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     };
 
     let sink: Box<dyn Write> = match &args.output {
-        Some(path) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?,
-        )),
+        Some(path) => {
+            Box::new(std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?))
+        }
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let mut out = Output { out: sink, format: args.output_format, names, threshold: model.threshold() };

@@ -107,8 +107,7 @@ fn proto(obj: &serde_json::Map<String, Json>) -> Result<i64, FlowError> {
 
 /// Validates one goflow2 JSON line; checks run in the contract's order.
 pub fn parse_flow(line: &str) -> Result<Flow, FlowError> {
-    let value: Json = serde_json::from_str(line)
-        .map_err(|e| FlowError { field: None, message: format!("not valid JSON ({e})") })?;
+    let value: Json = serde_json::from_str(line).map_err(|e| FlowError { field: None, message: format!("not valid JSON ({e})") })?;
     let obj = value.as_object().ok_or(FlowError { field: None, message: "not a JSON object".into() })?;
     let host = address(obj, "src_addr")?;
     let dst_addr = address(obj, "dst_addr")?;
@@ -122,9 +121,7 @@ pub fn parse_flow(line: &str) -> Result<Flow, FlowError> {
     let rate = integer(obj, "sampling_rate", Some(1))?.max(1);
     let proto = proto(obj)?;
     let scale = |v: u64, field: &'static str| {
-        v.checked_mul(rate)
-            .filter(|s| *s <= INT_MAX)
-            .ok_or_else(|| FlowError::at(field, format!("{field} x sampling_rate exceeds 2^63-1")))
+        v.checked_mul(rate).filter(|s| *s <= INT_MAX).ok_or_else(|| FlowError::at(field, format!("{field} x sampling_rate exceeds 2^63-1")))
     };
     Ok(Flow {
         host,
@@ -242,9 +239,7 @@ impl FlowAggregator {
         let keep = self.open.split_off(&(before, String::new()));
         let done = std::mem::replace(&mut self.open, keep);
         self.emitted_before = self.emitted_before.max(before);
-        done.into_iter()
-            .map(|((bucket_start, host), b)| FlowRow { host, bucket_start, features: b.features() })
-            .collect()
+        done.into_iter().map(|((bucket_start, host), b)| FlowRow { host, bucket_start, features: b.features() }).collect()
     }
 }
 
@@ -284,7 +279,10 @@ mod tests {
         let e = parse_flow(r#"{"src_addr":"a","dst_addr":"b","time_flow_end_ns":1.5,"bytes":1,"packets":1,"proto":6}"#).unwrap_err();
         assert_eq!(e.field, Some("time_flow_end_ns"));
         assert!(e.message.contains("expected a non-negative integer"));
-        let e = parse_flow(r#"{"src_addr":"a","dst_addr":"b","time_flow_end_ns":1,"bytes":10,"packets":1,"proto":6,"sampling_rate":9223372036854775807}"#).unwrap_err();
+        let e = parse_flow(
+            r#"{"src_addr":"a","dst_addr":"b","time_flow_end_ns":1,"bytes":10,"packets":1,"proto":6,"sampling_rate":9223372036854775807}"#,
+        )
+        .unwrap_err();
         assert!(e.message.contains("bytes x sampling_rate exceeds 2^63-1"));
         assert_eq!(e.reason(), "wrong_type");
     }

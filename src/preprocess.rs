@@ -74,7 +74,7 @@ impl Preprocessor {
             let t = match (c.transform, &values[c.source]) {
                 (Transform::None, Value::Num(x)) => *x,
                 (Transform::Log1p, Value::Num(x)) => x.max(0.0).ln_1p(),
-                (Transform::OneHot, _) => 0.0, // set below, once per source
+                (Transform::OneHot, _) => 0.0,   // set below, once per source
                 (_, Value::Text(_)) => f64::NAN, // the parser never gives text for a numeric field
             };
             out[j] = ((t - c.mean) / c.std) as f32;

@@ -59,15 +59,12 @@ impl TimeFormat {
             TimeFormat::UnixSecs => number(),
             TimeFormat::UnixMillis => number().map(|v| v * 1e-3),
             TimeFormat::UnixNanos => number().map(|v| v * 1e-9),
-            TimeFormat::Auto => DateTime::parse_from_rfc3339(text)
-                .map(|t| t.timestamp_micros() as f64 * 1e-6)
-                .ok()
-                .or_else(|| {
-                    ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"]
-                        .iter()
-                        .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
-                        .map(|t| t.and_utc().timestamp_micros() as f64 * 1e-6)
-                }),
+            TimeFormat::Auto => DateTime::parse_from_rfc3339(text).map(|t| t.timestamp_micros() as f64 * 1e-6).ok().or_else(|| {
+                ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"]
+                    .iter()
+                    .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
+                    .map(|t| t.and_utc().timestamp_micros() as f64 * 1e-6)
+            }),
             TimeFormat::Pattern(p) => DateTime::parse_from_str(text, p)
                 .map(|t| t.timestamp_micros() as f64 * 1e-6)
                 .or_else(|_| NaiveDateTime::parse_from_str(text, p).map(|t| t.and_utc().timestamp_micros() as f64 * 1e-6))
@@ -150,10 +147,7 @@ fn value_from_text(spec: &FieldSpec, text: &str) -> Result<Value, ParseError> {
 
 fn timestamp(map: &FieldMap, text: &str) -> Result<Option<f64>, ParseError> {
     let Some((field, format)) = &map.timestamp else { return Ok(None) };
-    format
-        .seconds(text)
-        .map(Some)
-        .ok_or_else(|| ParseError::BadTimestamp { field: field.clone(), value: text.to_string() })
+    format.seconds(text).map(Some).ok_or_else(|| ParseError::BadTimestamp { field: field.clone(), value: text.to_string() })
 }
 
 // === CSV ===
@@ -224,13 +218,8 @@ impl CsvParser {
         } else {
             self.series_cols.iter().map(|&i| cells[i].as_str()).collect::<Vec<_>>().join("/")
         };
-        let values = self
-            .map
-            .fields
-            .iter()
-            .zip(&self.field_cols)
-            .map(|(spec, &i)| value_from_text(spec, &cells[i]))
-            .collect::<Result<_, _>>()?;
+        let values =
+            self.map.fields.iter().zip(&self.field_cols).map(|(spec, &i)| value_from_text(spec, &cells[i])).collect::<Result<_, _>>()?;
         Ok(RawRecord { series, ts, values })
     }
 }
@@ -277,9 +266,7 @@ pub fn parse_ndjson(map: &FieldMap, line: &str, default_series: &str) -> Result<
                 (FieldKind::Numeric, serde_json::Value::Number(n)) => Ok(Value::Num(n.as_f64().unwrap_or(f64::NAN))),
                 (FieldKind::Numeric, serde_json::Value::Null) => Ok(Value::Num(f64::NAN)),
                 (FieldKind::Numeric, serde_json::Value::String(s)) => numeric(&spec.name, s).map(Value::Num),
-                (FieldKind::Numeric, other) => {
-                    Err(ParseError::NotANumber { field: spec.name.clone(), value: other.to_string() })
-                }
+                (FieldKind::Numeric, other) => Err(ParseError::NotANumber { field: spec.name.clone(), value: other.to_string() }),
                 (FieldKind::Categorical, other) => Ok(Value::Text(json_text(other).unwrap_or_default().trim().to_string())),
             }
         })
@@ -373,7 +360,10 @@ pub fn parse_influx(map: &FieldMap, line: &str, default_series: &str) -> Result<
 pub enum LineParser {
     Csv(CsvParser),
     /// CSV from a stream whose first line is the header (stdin): built when it arrives.
-    CsvHeaderNext { map: FieldMap, delimiter: char },
+    CsvHeaderNext {
+        map: FieldMap,
+        delimiter: char,
+    },
     /// The header lacked a field the model needs: no line can be parsed.
     CsvBadHeader(ParseError),
     Ndjson(FieldMap),

@@ -120,10 +120,7 @@ impl Reloader {
 
         // Everything is validated: apply.
         if model_changed || threshold_changed {
-            self.swaps
-                .send(ModelSwap { model: in_use.clone(), scorers })
-                .await
-                .map_err(|_| anyhow!("the pipeline has stopped"))?;
+            self.swaps.send(ModelSwap { model: in_use.clone(), scorers }).await.map_err(|_| anyhow!("the pipeline has stopped"))?;
             publish_model(&self.metrics, Some(&self.model), &in_use);
             changes.push(if model_changed {
                 format!("model {} ({})", in_use.model.meta.name, &in_use.model.meta.onnx.sha256[..12])

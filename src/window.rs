@@ -56,7 +56,10 @@ pub enum Outcome {
     /// The record's row is in; no window this time (warming up, or between strides).
     Buffered,
     /// A window ending at this record was appended to the output buffer.
-    Window { start_ts: f64, end_ts: f64 },
+    Window {
+        start_ts: f64,
+        end_ts: f64,
+    },
     Dropped(Dropped),
 }
 

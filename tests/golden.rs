@@ -74,8 +74,7 @@ fn check_bundle(name: &str) {
     let env = anomalyd::onnxruntime::init(None).expect("ONNX Runtime (scripts/fetch-onnxruntime)");
     let model = Model::load(repo().join("models").join(name)).unwrap();
     let golden: Json =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("contracts").join(name).join("golden.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(repo().join("contracts").join(name).join("golden.json")).unwrap()).unwrap();
     assert_eq!(golden["model_sha256"].as_str().unwrap(), model.meta.onnx.sha256, "golden vectors are of another model");
 
     let ours = window_records(&model, &golden);
@@ -88,7 +87,8 @@ fn check_bundle(name: &str) {
         let i = g["index"].as_u64().unwrap() as usize;
         assert_eq!(ours.meta[i].0, g["series"].as_str().unwrap(), "window {i}: series");
         assert_eq!(ours.meta[i].1, g["end_ts"].as_f64().unwrap(), "window {i}: end time");
-        let x: Vec<f64> = g["x"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter()).map(|v| v.as_f64().unwrap()).collect();
+        let x: Vec<f64> =
+            g["x"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter()).map(|v| v.as_f64().unwrap()).collect();
         let mine = &ours.windows[i * w * f..(i + 1) * w * f];
         for (k, (a, b)) in mine.iter().zip(&x).enumerate() {
             assert!(close(*a as f64, *b), "window {i} value {k} (row {}, feature {}): {a} vs {b}", k / f, k % f);

@@ -88,10 +88,7 @@ impl Cluster {
         while (out.len() as i64) < high - low && started.elapsed() < Duration::from_secs(30) {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
                 let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
-                let headers = m
-                    .headers()
-                    .map(|h| h.iter().map(|x| (x.key.to_string(), text(x.value))).collect())
-                    .unwrap_or_default();
+                let headers = m.headers().map(|h| h.iter().map(|x| (x.key.to_string(), text(x.value))).collect()).unwrap_or_default();
                 out.push((m.key().map(|k| text(Some(k))), text(m.payload()), headers));
             }
         }
@@ -217,8 +214,14 @@ fn produced_records_are_scored_alerted_and_committed() {
     c.produce(&topic, &keyed("pump", &records));
 
     let dir = temp_dir("kafka");
-    let config = config(&c.bootstrap, &topic, &group, &header, "", "series_name = \"pump\"\n[alerts]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"")
-        + "[kafka.properties]\n\"statistics.interval.ms\" = \"200\"\n";
+    let config = config(
+        &c.bootstrap,
+        &topic,
+        &group,
+        &header,
+        "",
+        "series_name = \"pump\"\n[alerts]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"",
+    ) + "[kafka.properties]\n\"statistics.interval.ms\" = \"200\"\n";
     let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "138 windows from Kafka");
     assert_eq!(d.metric("anomalyd_alerts_total{state=\"firing\"}"), Some(1.0));
@@ -300,10 +303,7 @@ fn poison_messages_are_dead_lettered_and_alerts_published() {
     let d = Daemon::start(&dir, &text);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "the good records scored");
     let delivered = |d: &Daemon, reason: &str| d.metric(&format!("anomalyd_dead_letters_total{{reason=\"{reason}\"}}"));
-    d.wait_for(
-        |d| delivered(d, "missing_field") == Some(3.0) && delivered(d, "malformed") == Some(1.0),
-        "four dead letters delivered",
-    );
+    d.wait_for(|d| delivered(d, "missing_field") == Some(3.0) && delivered(d, "malformed") == Some(1.0), "four dead letters delivered");
     assert_eq!(d.stop(), 0);
 
     let dead = c.read_all(&dlq);
@@ -396,7 +396,8 @@ fn two_daemons_split_four_partitions_and_hand_over() {
     }
     let rows = |from: usize, to: usize| &records[from * 8..to * 8];
     let kafka = format!("series_from_key = true\nscores_topic = \"{scores}\"");
-    let config = config(&c.bootstrap, &topic, &group, &columns, &kafka, TIME_MAPPING) + "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n";
+    let config =
+        config(&c.bootstrap, &topic, &group, &columns, &kafka, TIME_MAPPING) + "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n";
     let assigned = |d: &Daemon| d.metric("anomalyd_kafka_assigned_partitions");
 
     c.produce(&topic, rows(0, 100));
@@ -517,7 +518,10 @@ fn a_15_second_broker_outage_loses_nothing() {
 
     let missing = c.wait_for_scores(scores, &windows(5, 0, 400), Duration::from_secs(60));
     assert!(missing.is_empty(), "{} windows never scored, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
-    assert!(d.metric("anomalyd_errors_total{error_type=\"all_brokers_down\",stage=\"kafka\"}").is_some_and(|n| n > 0.0), "the outage was seen");
+    assert!(
+        d.metric("anomalyd_errors_total{error_type=\"all_brokers_down\",stage=\"kafka\"}").is_some_and(|n| n > 0.0),
+        "the outage was seen"
+    );
     assert_eq!(d.metric("anomalyd_kafka_produce_errors_total{output=\"score\"}"), Some(0.0), "no score lost");
     assert_eq!(d.stop(), 0);
 }

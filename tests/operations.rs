@@ -96,11 +96,7 @@ fn render(path: &str, edits: &[(&str, &str)]) -> String {
 }
 
 fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/setup installs it)"))
+    Command::new(program).args(args).current_dir(repo()).output().unwrap_or_else(|e| panic!("{program}: {e} (scripts/setup installs it)"))
 }
 
 fn text(out: &Output) -> String {
@@ -132,7 +128,13 @@ impl Prometheus {
         let rules = std::fs::read_to_string(repo().join("deploy/prometheus/anomalyd-rules.yml")).unwrap();
         let rules: Vec<String> = rules
             .lines()
-            .map(|l| if l.trim_start().starts_with("for: ") { format!("{}for: 1s", &l[..l.len() - l.trim_start().len()]) } else { l.to_string() })
+            .map(|l| {
+                if l.trim_start().starts_with("for: ") {
+                    format!("{}for: 1s", &l[..l.len() - l.trim_start().len()])
+                } else {
+                    l.to_string()
+                }
+            })
             .collect();
         std::fs::write(dir.join("anomalyd-rules.yml"), rules.join("\n")).unwrap();
         let port = free_port();
@@ -175,7 +177,11 @@ fn start_alertmanager(dir: &Path, webhook: u16) -> (Service, u16) {
     std::fs::create_dir_all(&dir).unwrap();
     let config = render(
         "deploy/prometheus/alertmanager.yml",
-        &[("group_wait: 30s", "group_wait: 1s"), ("group_interval: 5m", "group_interval: 1s"), ("127.0.0.1:5001", &format!("127.0.0.1:{webhook}"))],
+        &[
+            ("group_wait: 30s", "group_wait: 1s"),
+            ("group_interval: 5m", "group_interval: 1s"),
+            ("127.0.0.1:5001", &format!("127.0.0.1:{webhook}")),
+        ],
     );
     std::fs::write(dir.join("alertmanager.yml"), config).unwrap();
     let port = free_port();
@@ -270,7 +276,8 @@ fn alert_events(dir: &Path) -> Vec<Value> {
 /// Every panel's queries, as (panel title, expr, instant), and the template variables'
 /// `label_values(metric, label)` queries, as (metric, label).
 fn dashboard_queries() -> (Vec<(String, String, bool)>, Vec<(String, String)>) {
-    let dash: Value = serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/anomalyd-dashboard.json")).unwrap()).unwrap();
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/anomalyd-dashboard.json")).unwrap()).unwrap();
     let mut panels: Vec<Value> = dash["panels"].as_array().unwrap().clone();
     let mut queries = Vec::new();
     while let Some(p) = panels.pop() {
@@ -291,7 +298,8 @@ fn dashboard_queries() -> (Vec<(String, String, bool)>, Vec<(String, String)>) {
         .filter(|v| v["type"] == "query")
         .map(|v| {
             let q = v["query"]["query"].as_str().unwrap();
-            let (metric, label) = q.strip_prefix("label_values(").and_then(|r| r.strip_suffix(')')).and_then(|r| r.split_once(", ")).unwrap();
+            let (metric, label) =
+                q.strip_prefix("label_values(").and_then(|r| r.strip_suffix(')')).and_then(|r| r.split_once(", ")).unwrap();
             (metric.to_string(), label.to_string())
         })
         .collect();
@@ -388,7 +396,9 @@ fn anomalies_and_outages_alert_through_prometheus_and_alertmanager_and_every_pan
     let brokers = std::env::var("ANOMALYD_TEST_KAFKA").ok();
     let feed = brokers.as_deref().map(|b| KafkaFeed::start(&dir, b, lines[0]));
     if feed.is_none() {
-        eprintln!("ANOMALYD_TEST_KAFKA is not set: no Kafka-fed daemon, so the consumer-lag panel and RecordsDeadLettered are not checked live");
+        eprintln!(
+            "ANOMALYD_TEST_KAFKA is not set: no Kafka-fed daemon, so the consumer-lag panel and RecordsDeadLettered are not checked live"
+        );
     }
     let (_alertmanager, am_port) = start_alertmanager(&dir, hook.port);
     let targets: Vec<u16> = [daemon.port].into_iter().chain(feed.as_ref().map(|f| f.daemon.port)).collect();
@@ -401,7 +411,8 @@ fn anomalies_and_outages_alert_through_prometheus_and_alertmanager_and_every_pan
     // the threshold ends at line 153; the stream pauses at line 165, with the alert firing, so it
     // stays firing until the rest arrives.
     daemon.send(&lines[..165]);
-    let fired = wait_for("anomalyd's own alert", 30, || alert_events(&dir).into_iter().find(|e| e["event"] == "firing"), || daemon.stderr());
+    let fired =
+        wait_for("anomalyd's own alert", 30, || alert_events(&dir).into_iter().find(|e| e["event"] == "firing"), || daemon.stderr());
     let names: Vec<&str> = fired["top_features"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
     assert!(names[0] == "Current" || names[0] == "Pressure", "{fired}");
     let top_features = names.join(",");
@@ -414,7 +425,8 @@ fn anomalies_and_outages_alert_through_prometheus_and_alertmanager_and_every_pan
     assert_eq!(alert["model"], "skab-convae");
     assert_eq!(alert["instance"], instance.as_str());
     // ... and reaches the webhook through Alertmanager's anomaly route, annotations filled in.
-    let sent = wait_for("AnomalyDetected at the webhook", 30, || hook.alerts("/anomalies", "AnomalyDetected", "firing").pop(), || hook.dump());
+    let sent =
+        wait_for("AnomalyDetected at the webhook", 30, || hook.alerts("/anomalies", "AnomalyDetected", "firing").pop(), || hook.dump());
     assert_eq!(sent["labels"]["series"], "stdin");
     assert_eq!(sent["labels"]["top_features"], top_features.as_str());
     assert_eq!(sent["annotations"]["top_features"], top_features.as_str());
@@ -430,7 +442,12 @@ fn anomalies_and_outages_alert_through_prometheus_and_alertmanager_and_every_pan
     // The rest of the stream: anomalyd resolves, its alert_info goes, and so does the alert.
     daemon.send(&lines[165..]);
     wait_for("anomalyd's resolve", 30, || alert_events(&dir).into_iter().find(|e| e["event"] == "resolved"), || daemon.stderr());
-    wait_for("AnomalyDetected resolved at the webhook", 30, || hook.alerts("/anomalies", "AnomalyDetected", "resolved").pop(), || hook.dump());
+    wait_for(
+        "AnomalyDetected resolved at the webhook",
+        30,
+        || hook.alerts("/anomalies", "AnomalyDetected", "resolved").pop(),
+        || hook.dump(),
+    );
     assert!(prom.firing("AnomalyDetected").is_empty());
 
     // Kafka: the poison message is dead-lettered and RecordsDeadLettered fires for that daemon.
@@ -498,11 +515,8 @@ fn alert_rules_pass_promtool_and_every_rule_has_a_firing_unit_test() {
     let alerts: BTreeSet<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).collect();
     let tests = std::fs::read_to_string(repo().join("deploy/prometheus/anomalyd-rules.test.yml")).unwrap();
     let lines: Vec<&str> = tests.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let fired: BTreeSet<&str> = lines
-        .windows(2)
-        .filter(|w| w[1] == "exp_alerts:")
-        .filter_map(|w| w[0].strip_prefix("alertname: "))
-        .collect();
+    let fired: BTreeSet<&str> =
+        lines.windows(2).filter(|w| w[1] == "exp_alerts:").filter_map(|w| w[0].strip_prefix("alertname: ")).collect();
     assert_eq!(alerts.len(), 6, "{alerts:?}");
     assert_eq!(alerts, fired, "rules without a firing unit test");
 }
@@ -551,7 +565,16 @@ fn helm_chart_lints_and_renders_a_hardened_deployment_with_monitoring() {
 
     let docs = template(&["serviceMonitor.enabled=true", "prometheusRule.enabled=true", "autoscaling.enabled=true"]).unwrap();
     let kinds: BTreeSet<&str> = docs.iter().map(|(k, _)| k.as_str()).collect();
-    for kind in ["ConfigMap", "Deployment", "Service", "ServiceAccount", "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget", "HorizontalPodAutoscaler"] {
+    for kind in [
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    ] {
         assert!(kinds.contains(kind), "{kind} missing: {kinds:?}");
     }
     let deployment = doc(&docs, "Deployment");
@@ -579,7 +602,10 @@ fn helm_chart_lints_and_renders_a_hardened_deployment_with_monitoring() {
     assert!(grace * 1000 > drain_ms, "grace {grace} s, drain {drain_ms} ms");
 
     let hpa = doc(&docs, "HorizontalPodAutoscaler");
-    assert!(hpa.contains("- type: External") && hpa.contains("name: anomalyd_kafka_consumer_lag_messages"), "scales on consumer lag\n{hpa}");
+    assert!(
+        hpa.contains("- type: External") && hpa.contains("name: anomalyd_kafka_consumer_lag_messages"),
+        "scales on consumer lag\n{hpa}"
+    );
     assert_eq!(field(hpa.split_once("scaleTargetRef:").unwrap().1, "name"), "ops-anomalyd");
     let monitor = doc(&docs, "ServiceMonitor");
     assert!(monitor.contains("targetLabel: job") && monitor.contains("replacement: anomalyd"), "rules expect job=\"anomalyd\"\n{monitor}");
@@ -595,7 +621,8 @@ fn helm_chart_lints_and_renders_a_hardened_deployment_with_monitoring() {
     // The ConfigMap's TOML is a config the daemon accepts (with the chart's environment; the
     // model path points at the local bundle instead of the pod's volume).
     let configmap = doc(&docs, "ConfigMap");
-    let toml: Vec<&str> = configmap.split_once("anomalyd.toml: |\n").unwrap().1.lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).collect();
+    let toml: Vec<&str> =
+        configmap.split_once("anomalyd.toml: |\n").unwrap().1.lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).collect();
     assert!(toml.contains(&"path = \"/var/lib/anomalyd/models/skab-convae\""), "model.path lies on the models volume");
     let dir = temp_dir("helm");
     std::fs::write(dir.join("anomalyd.toml"), toml.join("\n")).unwrap();
@@ -685,7 +712,10 @@ fn systemd_unit_verifies_and_its_reload_validates_before_signalling() {
 
     // ExecStartPre and ExecReload as systemd would run them, against a running daemon.
     let records = repo().join("contracts/skab-convae/records.csv");
-    let config = format!("[source]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{{port}}\"\n[alerts]\nsink = \"file\"\npath = \"{{dir}}/alerts.jsonl\"\n", records.display());
+    let config = format!(
+        "[source]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{{port}}\"\n[alerts]\nsink = \"file\"\npath = \"{{dir}}/alerts.jsonl\"\n",
+        records.display()
+    );
     let d = Daemon::start(&dir, &config);
     let file = dir.join("anomalyd.toml");
     let pid = d.child.id();

@@ -21,11 +21,7 @@ path = "{dir}/alerts.jsonl"
 "#;
 
 fn alerts(d: &Daemon) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(d.dir.join("alerts.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    std::fs::read_to_string(d.dir.join("alerts.jsonl")).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 #[test]
@@ -188,8 +184,7 @@ fn influx_line_protocol_scores_like_csv() {
         .map(|row| {
             let cells: Vec<&str> = row.split(';').collect();
             let ts = chrono::NaiveDateTime::parse_from_str(cells[0], "%Y-%m-%d %H:%M:%S").unwrap().and_utc();
-            let fields: Vec<String> =
-                header[1..].iter().zip(&cells[1..]).map(|(k, v)| format!("{}={v}", k.replace(' ', "\\ "))).collect();
+            let fields: Vec<String> = header[1..].iter().zip(&cells[1..]).map(|(k, v)| format!("{}={v}", k.replace(' ', "\\ "))).collect();
             format!("pump,site=a {} {}", fields.join(","), ts.timestamp_nanos_opt().unwrap())
         })
         .collect();
@@ -221,7 +216,9 @@ fn goflow2_flows_are_bucketed_scored_and_alert_on_the_attacking_host() {
     text.push('\n');
     let path = dir.join("flows.ndjson");
     std::fs::write(&path, text).unwrap();
-    let config = BASE.replace("models/skab-convae", "models/flows-vae").replace("{records}", path.to_str().unwrap())
+    let config = BASE
+        .replace("models/skab-convae", "models/flows-vae")
+        .replace("{records}", path.to_str().unwrap())
         .replace("format = \"csv\"", "format = \"goflow2\"");
     let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.stderr().contains("Pipeline idle"), "the whole file processed");

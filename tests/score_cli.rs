@@ -57,8 +57,15 @@ fn bad_lines_are_counted_by_reason_and_skipped() {
         let fields: Vec<String> = features.iter().map(|f| format!("\"{f}\": 1.0")).collect();
         format!("{{\"host\": \"h\", \"bucket_start\": {ts}, {}}}", fields.join(", "))
     };
-    let lines = [good(60), "{not json".into(), "[]".into(), good(120).replace("\"flows\": 1.0", "\"flows\": \"many\""),
-        good(120).replace("\"bytes\": 1.0, ", ""), "x".repeat(2 << 20), good(180)];
+    let lines = [
+        good(60),
+        "{not json".into(),
+        "[]".into(),
+        good(120).replace("\"flows\": 1.0", "\"flows\": \"many\""),
+        good(120).replace("\"bytes\": 1.0, ", ""),
+        "x".repeat(2 << 20),
+        good(180),
+    ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     // Flow feature rows keyed by host and bucket_start, given directly as NDJSON (the daemon's own
     // goflow2 aggregation comes with the Kafka flow path).
@@ -74,7 +81,14 @@ fn bad_lines_are_counted_by_reason_and_skipped() {
 
 #[test]
 fn a_missing_library_is_a_clear_start_up_error() {
-    let run = score(&["--model", "models/skab-convae", "--input", "contracts/skab-convae/records.csv", "--onnxruntime", "/nonexistent/libonnxruntime.so.1.32.0"]);
+    let run = score(&[
+        "--model",
+        "models/skab-convae",
+        "--input",
+        "contracts/skab-convae/records.csv",
+        "--onnxruntime",
+        "/nonexistent/libonnxruntime.so.1.32.0",
+    ]);
     assert_eq!(run.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("ONNX Runtime 1.32.0 not found") && stderr.contains("/nonexistent/"), "{stderr}");

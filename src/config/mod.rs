@@ -158,8 +158,7 @@ impl AlertRules {
         let values: Vec<&str> = series.splitn(self.label_names.len().max(1), '/').collect();
         let label = |name: &str| self.label_names.iter().position(|n| n == name).and_then(|i| values.get(i).copied());
         let matches = |o: &&AlertOverride| {
-            glob_match(&o.series, series)
-                && o.labels.iter().all(|(name, pattern)| label(name).is_some_and(|v| glob_match(pattern, v)))
+            glob_match(&o.series, series) && o.labels.iter().all(|(name, pattern)| label(name).is_some_and(|v| glob_match(pattern, v)))
         };
         let mut p = self.base.clone();
         if let Some(o) = self.overrides.iter().find(matches) {
@@ -286,12 +285,8 @@ impl Config {
     }
 
     /// As [`Config::load`], with the environment given (tests).
-    pub fn load_with_env(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
-        let mut builder =
-            config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+    pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
         let mut name = "defaults".to_string();
         if let Some(path) = file {
             name = path.display().to_string();

@@ -189,7 +189,13 @@ fn yes() -> bool {
 
 impl Default for TrainingDataMeta {
     fn default() -> TrainingDataMeta {
-        TrainingDataMeta { format: String::new(), flow_bucket_secs: 0, csv_delimiter: String::new(), csv_header: true, column_names: Vec::new() }
+        TrainingDataMeta {
+            format: String::new(),
+            flow_bucket_secs: 0,
+            csv_delimiter: String::new(),
+            csv_header: true,
+            column_names: Vec::new(),
+        }
     }
 }
 

@@ -41,8 +41,7 @@ impl Model {
         let dir = dir.as_ref();
         let json_path = dir.join("model.json");
         let text = std::fs::read_to_string(&json_path).map_err(|e| refuse(&json_path, format!("cannot read: {e}")))?;
-        let meta: ModelMeta =
-            serde_json::from_str(&text).map_err(|e| refuse(&json_path, format!("not a valid model.json: {e}")))?;
+        let meta: ModelMeta = serde_json::from_str(&text).map_err(|e| refuse(&json_path, format!("not a valid model.json: {e}")))?;
         validate(&meta).map_err(|reason| refuse(&json_path, reason))?;
 
         let onnx_path = dir.join(&meta.onnx.file);
@@ -71,22 +70,14 @@ impl Model {
 
 fn validate(meta: &ModelMeta) -> Result<(), String> {
     if meta.schema_version != metadata::SCHEMA_VERSION {
-        return Err(format!(
-            "schema_version {} is not supported (this anomalyd reads {})",
-            meta.schema_version,
-            metadata::SCHEMA_VERSION
-        ));
+        return Err(format!("schema_version {} is not supported (this anomalyd reads {})", meta.schema_version, metadata::SCHEMA_VERSION));
     }
     if meta.window.length == 0 || meta.window.stride == 0 {
         return Err("window.length and window.stride must be >= 1".into());
     }
     let columns = &meta.preprocess.columns;
     if columns.is_empty() || columns.len() != meta.features.len() {
-        return Err(format!(
-            "features has {} names but preprocess.columns has {} entries",
-            meta.features.len(),
-            columns.len()
-        ));
+        return Err(format!("features has {} names but preprocess.columns has {} entries", meta.features.len(), columns.len()));
     }
     for (c, name) in columns.iter().zip(&meta.features) {
         if &c.name != name {

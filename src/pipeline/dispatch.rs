@@ -12,7 +12,13 @@ use crate::telemetry::metrics::Metrics;
 /// Runs batches on the scorer pool (blocking threads), as many at once as there are scorers. A
 /// `Swap` replaces the pool: scorers of batches still in flight go back to the old pool, which
 /// nobody reads any more, and are dropped there.
-pub async fn dispatch(scorers: Vec<Scorer>, mut rx: mpsc::Receiver<ToScoring>, tx: mpsc::Sender<Scored>, in_flight: InFlight, metrics: Arc<Metrics>) {
+pub async fn dispatch(
+    scorers: Vec<Scorer>,
+    mut rx: mpsc::Receiver<ToScoring>,
+    tx: mpsc::Sender<Scored>,
+    in_flight: InFlight,
+    metrics: Arc<Metrics>,
+) {
     let new_pool = |scorers: Vec<Scorer>| {
         let (pool_tx, pool_rx) = mpsc::channel(scorers.len().max(1));
         for s in scorers {

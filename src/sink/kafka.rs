@@ -49,10 +49,8 @@ impl KafkaSinks {
         if sinks == (None, None, None) {
             return Ok(None);
         }
-        let producer: FutureProducer = client_config(cfg)
-            .set("enable.idempotence", "true")
-            .create()
-            .context("kafka: creating the producer")?;
+        let producer: FutureProducer =
+            client_config(cfg).set("enable.idempotence", "true").create().context("kafka: creating the producer")?;
         let (dead_letter_topic, scores_topic, alerts_topic) = sinks;
         Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, scores_topic, alerts_topic }))
     }
@@ -90,7 +88,8 @@ impl KafkaSinks {
     /// The original key and bytes, with headers naming the error and where the record came from.
     pub async fn dead_letter(&self, payload: &[u8], origin: &Origin, reason: &str, error: &str) -> Option<DeliveryFuture> {
         let topic = self.dead_letter_topic.as_ref()?;
-        let (source, partition, offset) = (self.topics.name(origin.ack.topic), origin.ack.partition.to_string(), origin.ack.offset.to_string());
+        let (source, partition, offset) =
+            (self.topics.name(origin.ack.topic), origin.ack.partition.to_string(), origin.ack.offset.to_string());
         let headers = OwnedHeaders::new()
             .insert(Header { key: "anomalyd.error", value: Some(reason) })
             .insert(Header { key: "anomalyd.error_message", value: Some(error) })

@@ -24,7 +24,10 @@ pub enum Input {
     Undecodable(Vec<u8>, Origin),
     /// Partitions this consumer no longer owns (after the records it read from them).
     Revoked(Vec<(usize, i32)>),
-    Bad { reason: &'static str, detail: String },
+    Bad {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// Where a record came from: what to store once it is handled. `topic` indexes [`Topics`].

@@ -15,8 +15,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// `records_discarded_total{reason}`: parse errors (`record::ParseError::reason`, flows), late
@@ -121,14 +120,15 @@ impl Metrics {
         )
         .expect("metric name is valid");
         r.register(Box::new(anomaly_score.clone())).expect("metric registered once");
-        let alert_firing = IntGaugeVec::new(
-            Opts::new("anomalyd_alert_firing", "1 while an alert is firing for the series, else 0."),
-            &["series"],
-        )
-        .expect("metric name is valid");
+        let alert_firing =
+            IntGaugeVec::new(Opts::new("anomalyd_alert_firing", "1 while an alert is firing for the series, else 0."), &["series"])
+                .expect("metric name is valid");
         r.register(Box::new(alert_firing.clone())).expect("metric registered once");
         let alert_info = IntGaugeVec::new(
-            Opts::new("anomalyd_alert_info", "1 while an alert fires for the series: the model and the top features (comma-separated) of the window that fired."),
+            Opts::new(
+                "anomalyd_alert_info",
+                "1 while an alert fires for the series: the model and the top features (comma-separated) of the window that fired.",
+            ),
             &["series", "model", "top_features"],
         )
         .expect("metric name is valid");
@@ -139,11 +139,11 @@ impl Metrics {
         )
         .expect("metric name is valid");
         r.register(Box::new(model_info.clone())).expect("metric registered once");
-        let model_threshold = Gauge::new("anomalyd_model_threshold", "Raw score threshold in force (anomaly_score 1.0).")
-            .expect("metric name is valid");
+        let model_threshold =
+            Gauge::new("anomalyd_model_threshold", "Raw score threshold in force (anomaly_score 1.0).").expect("metric name is valid");
         r.register(Box::new(model_threshold.clone())).expect("metric registered once");
-        let model_loaded = Gauge::new("anomalyd_model_loaded_timestamp_seconds", "When the model in use was loaded.")
-            .expect("metric name is valid");
+        let model_loaded =
+            Gauge::new("anomalyd_model_loaded_timestamp_seconds", "When the model in use was loaded.").expect("metric name is valid");
         r.register(Box::new(model_loaded.clone())).expect("metric registered once");
         let build = IntGaugeVec::new(Opts::new("anomalyd_build_info", "Build of this anomalyd (value 1)."), &["version"])
             .expect("metric name is valid");
@@ -306,7 +306,6 @@ impl Metrics {
         String::from_utf8(buf).expect("Prometheus text format is UTF-8")
     }
 }
-
 
 #[cfg(test)]
 mod tests {
