@@ -29,9 +29,9 @@ import math
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -58,13 +58,13 @@ def timestamp_parser(fmt: str) -> Callable[[bytes], float]:
                 return float(b)
             except ValueError:
                 d = datetime.fromisoformat(b.decode())
-                return (d if d.tzinfo else d.replace(tzinfo=timezone.utc)).timestamp()
+                return (d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp()
         return parse_auto
 
     # A strftime pattern; naive times are UTC, as in the trainer.
     def parse_pattern(b: bytes) -> float:
         d = datetime.strptime(b.decode(), fmt)
-        return (d if d.tzinfo else d.replace(tzinfo=timezone.utc)).timestamp()
+        return (d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp()
     return parse_pattern
 
 
@@ -189,7 +189,7 @@ class WindowScorer:
             st.rows_in_segment = 0  # a new segment: warm up again
         st.last_kept_ts = ts
         if self.any_log1p:
-            row = [math.log1p(max(v, 0.0)) if lg else v for v, lg in zip(row, self.log1p)]
+            row = [math.log1p(max(v, 0.0)) if lg else v for v, lg in zip(row, self.log1p, strict=True)]
 
         W = self.length
         nxt = st.next
@@ -224,7 +224,7 @@ class WindowScorer:
 
     def _apply_nan_policy(self, row: list[float], st: _Series) -> list[float] | None:
         """Contract §1: finite values are remembered for ffill first, even when the row is dropped."""
-        last = [v if math.isfinite(v) else old for v, old in zip(row, st.last_valid)]
+        last = [v if math.isfinite(v) else old for v, old in zip(row, st.last_valid, strict=True)]
         st.last_valid = last
         if all(math.isfinite(v) for v in row):
             return row  # only the sum overflowed

@@ -298,7 +298,7 @@ def write_flows(path: str, flows: Flows, addrs, is_v6, start: int, bucket_secs: 
         [PROTO_NAME[p] for p in flows.proto.tolist()],
         flows.src_port.tolist(),
         flows.dst_port.tolist(),
-        flows.flags.tolist(),
+        flows.flags.tolist(), strict=True,
     )
     template = (
         '{"type":"IPFIX","time_received_ns":%d,"sequence_num":%d,"sampling_rate":0,"sampler_address":"192.0.2.1",'

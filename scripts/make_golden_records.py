@@ -49,7 +49,8 @@ def skab(out: Path, rng: np.random.Generator) -> None:
             shifted[names.index("Current")] += 4.0
             shifted[names.index("Pressure")] -= 3.0
         ts = ts + timedelta(seconds=30 if i == 70 else 1)  # a gap: new segment after row 70
-        rows.append([ts.strftime("%Y-%m-%d %H:%M:%S"), *(f"{raw_value(c, v):.6g}" for c, v in zip(cols, shifted))])
+        values = (f"{raw_value(c, v):.6g}" for c, v in zip(cols, shifted, strict=True))
+        rows.append([ts.strftime("%Y-%m-%d %H:%M:%S"), *values])
         if i == 100:  # the same timestamp again: trainer and daemon both keep the first
             rows.append(rows[-1][:1] + [f"{raw_value(c, 5.0):.6g}" for c in cols])
     out.write_text("\n".join(";".join(r) for r in [["datetime", *names], *rows]) + "\n")

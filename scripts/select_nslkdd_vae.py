@@ -40,7 +40,7 @@ def main() -> None:
     labels = frame[LABEL].to_numpy()
     rows = []
     for values in itertools.product(*GRID.values()):
-        overrides = [*args.set, *(f"{k}={v}" for k, v in zip(GRID, values))]
+        overrides = [*args.set, *(f"{k}={v}" for k, v in zip(GRID, values, strict=True))]
         cfg = load_config(CONFIG, overrides)
         result = train(cfg, progress=False)
         x = prepare(val, result.preprocessor, cfg).windows.x

@@ -273,9 +273,12 @@ fn alert_events(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("alerts.jsonl")).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// Every panel's queries, as (panel title, expr, instant), and the template variables'
-/// `label_values(metric, label)` queries, as (metric, label).
-fn dashboard_queries() -> (Vec<(String, String, bool)>, Vec<(String, String)>) {
+/// A dashboard panel's query: (panel title, expr, instant).
+type PanelQuery = (String, String, bool);
+
+/// Every panel's queries, and the template variables' `label_values(metric, label)` queries, as
+/// (metric, label).
+fn dashboard_queries() -> (Vec<PanelQuery>, Vec<(String, String)>) {
     let dash: Value =
         serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/anomalyd-dashboard.json")).unwrap()).unwrap();
     let mut panels: Vec<Value> = dash["panels"].as_array().unwrap().clone();

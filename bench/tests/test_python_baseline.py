@@ -103,7 +103,7 @@ def test_stride_scores_every_sth_window_of_each_segment():
     # W = 32: the 70-row segment before the gap ends windows at rows 32, 40, ..., 64 (5), the
     # 130-row segment after it at rows 32, 40, ..., 128 (13).
     assert scorer.windows == 18
-    by_end = dict(zip(every.end_ts, every.arrays()[1]))
+    by_end = dict(zip(every.end_ts, every.arrays()[1], strict=True))
     _, score, _, _ = sparse.arrays()
     assert close(score, [by_end[t] for t in sparse.end_ts]).all()
     assert sparse.end_ts[0] == every.end_ts[0] and sparse.end_ts[5] == every.end_ts[39]

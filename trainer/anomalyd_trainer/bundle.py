@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,7 @@ def parity_check(scorer: torch.nn.Module, onnx_path: Path, real: np.ndarray, tri
         with torch.no_grad():
             expected = [t.numpy() for t in scorer(torch.from_numpy(x))]
         got = sess.run(None, {"window": x})
-        for a, b in zip(expected, got):
+        for a, b in zip(expected, got, strict=True):
             diff = float(np.max(np.abs(a - b)))
             worst["max_abs_error"] = max(worst["max_abs_error"], diff)
             worst["max_error"] = max(worst["max_error"], diff / max(1.0, float(np.max(np.abs(a)))))
@@ -127,7 +127,7 @@ def write_bundle(result: TrainResult, out_dir: Path, max_error: float = 1e-4) ->
             "multiply_adds": multiply_adds(scorer, W, F),
             "training_seconds": round(result.seconds, 2),
         },
-        "created_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "trainer_version": __version__,
     }
     props = {
@@ -226,7 +226,7 @@ def write_golden(bundle: Bundle, records: Path, out_dir: Path, data_overrides: d
              "end_line": int(f["_line"].iat[e]),
              "x": prepared.windows.x[i].tolist(), "score": float(scores[i]),
              "feature_scores": feats[i].tolist(), "anomaly_score": float(scores[i]) / bundle.threshold}
-            for i, e in zip(pick, ends)
+            for i, e in zip(pick, ends, strict=True)
         ],
     }
     (out_dir / "golden.json").write_text(json.dumps(golden) + "\n")

@@ -106,7 +106,8 @@ def run(argv: list[str]) -> int:
         _export(Path(args.run), args.out_dir, args.golden, args.golden_dir)
     elif args.command == "evaluate":
         from .bundle import Bundle
-        from .evaluate import format_table, report as make_report, score_detectors
+        from .evaluate import format_table, score_detectors
+        from .evaluate import report as make_report
 
         bundle = Bundle(args.model)
         scored = score_detectors(bundle, args.data, args.label_column, args.skip_rows, args.labels, args.train_data)

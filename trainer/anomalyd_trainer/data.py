@@ -198,7 +198,8 @@ def load_table(cfg: Config, paths: list[str] | None = None, with_labels: bool = 
             out[col] = df[col].astype(str).str.strip().to_numpy()
         # Without series columns each file is one series, named by its path (names repeat across folders).
         out[SERIES] = df[series_cols].astype(str).agg("/".join, axis=1).to_numpy() if series_cols else str(path)
-        out[TS] = _parse_timestamps(df, ts_fmt_data, path, first_line, unit) if ts_col else np.arange(len(df), dtype=float)
+        out[TS] = (_parse_timestamps(df, ts_fmt_data, path, first_line, unit) if ts_col
+                   else np.arange(len(df), dtype=float))
         out[FILE] = str(path)
         out[LINE] = df[LINE].to_numpy() if LINE in df.columns else np.arange(len(df)) + first_line
         if with_labels:
@@ -383,7 +384,7 @@ def gather_windows(rows: np.ndarray, ends: np.ndarray, length: int) -> Windows:
 
 def _series_bounds(series: np.ndarray) -> list[tuple[int, int]]:
     starts = np.flatnonzero(np.r_[True, series[1:] != series[:-1]])
-    return list(zip(starts, np.r_[starts[1:], len(series)]))
+    return list(zip(starts, np.r_[starts[1:], len(series)], strict=True))
 
 
 def split_parts(series: np.ndarray, val_fraction: float, calib_fraction: float, min_rows: int = 0) -> np.ndarray:

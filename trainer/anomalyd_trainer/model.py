@@ -29,7 +29,7 @@ MIXTURE_SIZES = (1, 2, 4, 8)
 
 def _mlp(sizes: list[int], dropout: float, last_activation: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2 or last_activation:
             layers += [nn.ReLU(), nn.Dropout(dropout)]
@@ -49,12 +49,12 @@ class ConvCoder(nn.Module):
         self.width = self.channels * self.reduced
         chans = [n_features, *cfg.channels]
         enc: list[nn.Module] = []
-        for a, b in zip(chans[:-1], chans[1:]):
+        for a, b in zip(chans[:-1], chans[1:], strict=True):
             enc += [nn.Conv1d(a, b, k, stride=2, padding=pad), nn.ReLU(), nn.Dropout(cfg.dropout)]
         self.down = nn.Sequential(*enc)
         dec: list[nn.Module] = []
         rev = chans[::-1]  # C_last, ..., C_1, F
-        for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
+        for i, (a, b) in enumerate(zip(rev[:-1], rev[1:], strict=True)):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(a, b, k, padding=pad)]
             if i < len(rev) - 2:
                 dec.append(nn.ReLU())

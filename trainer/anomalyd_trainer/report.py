@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .train import TrainResult, score_windows  # noqa: E402
 from .model import scorer_for  # noqa: E402
+from .train import TrainResult, score_windows  # noqa: E402
 
 
 def write_report(result: TrainResult, path: Path) -> None:
@@ -66,7 +66,7 @@ def write_report(result: TrainResult, path: Path) -> None:
     picks = np.argsort(val_scores)[[0, len(val_scores) // 2, -1]]
     with torch.no_grad():
         recon = model(torch.from_numpy(x[picks])).numpy()
-    for k, (i, label) in enumerate(zip(picks, ("lowest", "median", "highest"))):
+    for k, (i, label) in enumerate(zip(picks, ("lowest", "median", "highest"), strict=True)):
         ax = fig.add_subplot(grid[1, k])
         f = int(np.argmax(feats[i]))
         if cfg.window.length > 1:

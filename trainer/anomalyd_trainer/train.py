@@ -18,8 +18,8 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -28,8 +28,20 @@ from tqdm import tqdm
 
 from .calibrate import CalibrationError, Thresholds
 from .config import Config, constant_policy
-from .data import (SERIES, TS, Preprocessor, Table, Windows, apply_nan_policy, gather_windows, load_table,
-                   segment_ids, split_parts, time_blocks, window_ends)
+from .data import (
+    SERIES,
+    TS,
+    Preprocessor,
+    Table,
+    Windows,
+    apply_nan_policy,
+    gather_windows,
+    load_table,
+    segment_ids,
+    split_parts,
+    time_blocks,
+    window_ends,
+)
 from .errors import InputError
 from .model import build_model, score_floor, scorer_for
 

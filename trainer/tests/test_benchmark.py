@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from anomalyd_trainer import cli
-
 from conftest import DATASETS
 
 SKAB = DATASETS / "skab" / "data"

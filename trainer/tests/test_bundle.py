@@ -18,7 +18,6 @@ from anomalyd_trainer.errors import InputError
 from anomalyd_trainer.evaluate import evaluate
 from anomalyd_trainer.model import scorer_for
 from anomalyd_trainer.train import train
-
 from conftest import write_config, write_series_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -87,7 +86,7 @@ def test_golden_vectors_reproduce_from_the_records(trained):
     bundle = Bundle(trained["bundle"])
     again = write_golden(bundle, trained["golden"] / golden["records"], trained["dir"] / "again", {})
     assert again["windows_total"] == golden["windows_total"] == 2 * (60 - 16 + 1)
-    for a, b in zip(golden["windows"], again["windows"]):
+    for a, b in zip(golden["windows"], again["windows"], strict=True):
         assert a["series"] == b["series"] and a["end_ts"] == b["end_ts"]
         np.testing.assert_allclose(a["x"], b["x"], atol=1e-6)
         np.testing.assert_allclose(a["score"], b["score"], rtol=1e-5)
@@ -142,6 +141,6 @@ def test_training_is_deterministic_on_cpu(tmp_path):
     data = write_series_csv(tmp_path / "d.csv", rows=300, series=1)
     cfg = load_config(write_config(tmp_path / "c.toml", data, train={"epochs": 3}))
     a, b = train(cfg, progress=False), train(cfg, progress=False)
-    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     assert a.thresholds.fitted == b.thresholds.fitted

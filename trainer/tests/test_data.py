@@ -10,11 +10,18 @@ import pandas as pd
 import pytest
 
 from anomalyd_trainer.config import load_config
-from anomalyd_trainer.data import (Preprocessor, apply_nan_policy, gather_windows, load_table, segment_ids,
-                                   split_parts, time_blocks, window_ends)
+from anomalyd_trainer.data import (
+    Preprocessor,
+    apply_nan_policy,
+    gather_windows,
+    load_table,
+    segment_ids,
+    split_parts,
+    time_blocks,
+    window_ends,
+)
 from anomalyd_trainer.errors import InputError
 from anomalyd_trainer.train import train
-
 from conftest import write_config, write_series_csv
 
 

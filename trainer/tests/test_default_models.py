@@ -9,7 +9,6 @@ import pytest
 
 from anomalyd_trainer.bundle import Bundle, write_golden
 from anomalyd_trainer.evaluate import evaluate
-
 from conftest import DATASETS, REPO
 
 BUNDLES = ["skab-convae", "nslkdd-vae", "flows-vae"]

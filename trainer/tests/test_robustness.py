@@ -16,7 +16,6 @@ from anomalyd_trainer.bundle import Bundle
 from anomalyd_trainer.config import load_config
 from anomalyd_trainer.data import load_table
 from anomalyd_trainer.train import prepare
-
 from conftest import REPO, write_config, write_series_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
