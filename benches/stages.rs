@@ -52,7 +52,7 @@ fn stages(c: &mut Criterion) {
     g.throughput(Throughput::Elements(RECORDS as u64));
     for stride in [1usize, 8] {
         g.bench_with_input(BenchmarkId::new("records_stride", stride), &stride, |b, &stride| {
-            let spec = WindowSpec { length: f.model.window_len(), stride, max_gap_secs: 0.0, nan_policy: f.model.meta.window.nan_policy };
+            let spec = WindowSpec::for_model(&f.model, stride);
             b.iter_batched(
                 || (Windower::new(spec, Preprocessor::new(&f.model.meta)), Vec::with_capacity(RECORDS * 32 * 8)),
                 |(mut w, mut out)| {

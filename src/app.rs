@@ -98,26 +98,24 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let default_series = if cfg.source.series_name.is_empty() { default_series } else { cfg.source.series_name.clone() };
     let mut reader = reader.map(BufReader::new);
     let delimiter = cfg.source.csv_delimiter.chars().next().expect("validated: one character");
-    let parser = match cfg.source.format {
-        RecordFormat::Goflow2 => None,
-        RecordFormat::Ndjson => Some(LineParser::Ndjson(map)),
-        RecordFormat::Influx => Some(LineParser::Influx(map)),
-        RecordFormat::Csv if cfg.source.csv_columns.is_empty() && cfg.source.kind == SourceKind::Stdin => {
-            Some(LineParser::CsvHeaderNext { map, delimiter })
+    let header = match cfg.source.format {
+        RecordFormat::Csv if !cfg.source.csv_columns.is_empty() => Some(cfg.source.csv_columns.clone()),
+        RecordFormat::Csv if cfg.source.kind == SourceKind::File => {
+            // A file's header is there now: a field it lacks is a start-up error.
+            let mut first = String::new();
+            let reader = reader.as_mut().expect("a file source has a reader");
+            reader.read_line(&mut first).await.context("source: reading the CSV header")?;
+            Some(CsvParser::header(&first, delimiter))
         }
-        RecordFormat::Csv => {
-            let header = if cfg.source.csv_columns.is_empty() {
-                // A file's header is there now: a field it lacks is a start-up error.
-                let mut first = String::new();
-                let reader = reader.as_mut().expect("validated: CSV from Kafka names its columns");
-                reader.read_line(&mut first).await.context("source: reading the CSV header")?;
-                CsvParser::header(&first, delimiter)
-            } else {
-                cfg.source.csv_columns.clone()
-            };
-            Some(LineParser::Csv(CsvParser::new(map, &header, delimiter).map_err(|e| anyhow!("source: CSV header: {e}"))?))
-        }
+        _ => None, // stdin: the first line is the header (Kafka CSV names its columns: validated)
     };
+    let parser = cfg
+        .source
+        .format
+        .line_format()
+        .map(|format| LineParser::for_format(format, map, header.as_deref(), delimiter))
+        .transpose()
+        .map_err(|e| anyhow!("source: CSV header: {e}"))?;
 
     let listener =
         tokio::net::TcpListener::bind(cfg.admin.listen).await.with_context(|| format!("admin.listen: cannot bind {}", cfg.admin.listen))?;
@@ -126,12 +124,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(admin::serve(listener, AdminState { metrics: metrics.clone(), ready: ready.clone() }, admin_stop.clone()));
 
-    let spec = WindowSpec {
-        length: model.window_len(),
-        stride: cfg.windows.stride,
-        max_gap_secs: model.meta.window.max_gap_secs,
-        nan_policy: model.meta.window.nan_policy,
-    };
+    let spec = WindowSpec::for_model(&model, cfg.windows.stride);
     let topics = Topics::default();
     let sinks = match cfg.source.kind {
         SourceKind::Kafka => KafkaSinks::new(&cfg.kafka, topics.clone())?,
@@ -169,8 +162,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         committer: committer_tx,
         rules: rules_rx,
         tracker: Tracker::new(cfg.alerting.clone()),
-        sink: open_sink(&cfg)?,
-        scores: open_scores(&cfg)?,
+        sink: open_sink(&cfg, metrics.clone())?,
+        scores: open_scores(&cfg, metrics.clone())?,
         sinks: sinks.clone(),
     };
 

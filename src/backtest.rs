@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::model::{Model, Scorer};
 use crate::preprocess::Preprocessor;
-use crate::record::{CsvParser, FieldMap, LineParser, TimeFormat};
+use crate::record::{CsvParser, FieldMap, LineFormat, LineParser, TimeFormat};
 use crate::window::{Outcome, WindowSpec, Windower};
 
 /// Windows per ONNX Runtime call.
@@ -130,12 +130,7 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     let pre = Preprocessor::new(&model.meta);
     let input = training_input(&model, &pre);
     let names = model.meta.features.clone();
-    let spec = WindowSpec {
-        length: model.window_len(),
-        stride: args.stride,
-        max_gap_secs: model.meta.window.max_gap_secs,
-        nan_policy: model.meta.window.nan_policy,
-    };
+    let spec = WindowSpec::for_model(&model, args.stride);
     let (w, f) = (model.window_len(), model.n_features());
     let mut windower = Windower::new(spec, pre);
 
@@ -150,23 +145,21 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     });
     let delimiter = args.delimiter.unwrap_or(input.delimiter);
     let mut line_no = 0u64;
-    let mut parser = match format {
-        InputFormat::Ndjson => LineParser::Ndjson(input.map.clone()),
-        InputFormat::Influx => LineParser::Influx(input.map.clone()),
-        InputFormat::Csv => {
-            let header = match (&args.columns, &input.header) {
-                (Some(c), _) | (None, Some(c)) => c.clone(),
-                (None, None) => {
-                    line_no += 1;
-                    let first = lines.next().context("empty input")??;
-                    CsvParser::header(&first, delimiter)
-                }
-            };
-            LineParser::Csv(
-                CsvParser::new(input.map.clone(), &header, delimiter).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?,
-            )
+    let header = match (format, &args.columns, &input.header) {
+        (InputFormat::Csv, Some(c), _) | (InputFormat::Csv, None, Some(c)) => Some(c.clone()),
+        (InputFormat::Csv, None, None) => {
+            line_no += 1;
+            Some(CsvParser::header(&lines.next().context("empty input")??, delimiter))
         }
+        _ => None,
     };
+    let line_format = match format {
+        InputFormat::Csv => LineFormat::Csv,
+        InputFormat::Ndjson => LineFormat::Ndjson,
+        InputFormat::Influx => LineFormat::Influx,
+    };
+    let mut parser = LineParser::for_format(line_format, input.map.clone(), header.as_deref(), delimiter)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
 
     let sink: Box<dyn Write> = match &args.output {
         Some(path) => {

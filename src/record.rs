@@ -370,7 +370,27 @@ pub enum LineParser {
     Influx(FieldMap),
 }
 
+/// The line formats the parsers read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineFormat {
+    Csv,
+    Ndjson,
+    /// InfluxDB line protocol.
+    Influx,
+}
+
 impl LineParser {
+    /// The parser of `format`. A CSV `header` names the columns; without one, the stream's first
+    /// line will be its header. A header that lacks a field the model needs is an error now.
+    pub fn for_format(format: LineFormat, map: FieldMap, header: Option<&[String]>, delimiter: char) -> Result<LineParser, ParseError> {
+        Ok(match (format, header) {
+            (LineFormat::Ndjson, _) => LineParser::Ndjson(map),
+            (LineFormat::Influx, _) => LineParser::Influx(map),
+            (LineFormat::Csv, None) => LineParser::CsvHeaderNext { map, delimiter },
+            (LineFormat::Csv, Some(header)) => LineParser::Csv(CsvParser::new(map, header, delimiter)?),
+        })
+    }
+
     /// `None` when the line was the header.
     pub fn parse(&mut self, line: &str, default_series: &str) -> Option<Result<RawRecord, ParseError>> {
         match self {

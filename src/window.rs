@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use crate::model::NanPolicy;
+use crate::model::{Model, NanPolicy};
 use crate::preprocess::Preprocessor;
 use crate::record::{RawRecord, Value};
 
@@ -30,6 +30,14 @@ pub struct WindowSpec {
     /// 0 = never split.
     pub max_gap_secs: f64,
     pub nan_policy: NanPolicy,
+}
+
+impl WindowSpec {
+    /// How `model` windows (its W, gap and NaN policy), emitting every `stride`-th window.
+    pub fn for_model(model: &Model, stride: usize) -> WindowSpec {
+        let w = &model.meta.window;
+        WindowSpec { length: model.window_len(), stride, max_gap_secs: w.max_gap_secs, nan_policy: w.nan_policy }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

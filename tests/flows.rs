@@ -68,12 +68,7 @@ fn flow_vae_scores_raw_goflow2_records_like_the_trainer() {
         serde_json::from_str(&std::fs::read_to_string(repo().join("contracts/flows-vae/golden.json")).unwrap()).unwrap();
     let pre = Preprocessor::new(&model.meta);
     let order: Vec<usize> = pre.fields().iter().map(|f| FLOW_FEATURES.iter().position(|n| *n == f.name).unwrap()).collect();
-    let spec = WindowSpec {
-        length: model.window_len(),
-        stride: 1,
-        max_gap_secs: model.meta.window.max_gap_secs,
-        nan_policy: model.meta.window.nan_policy,
-    };
+    let spec = WindowSpec::for_model(&model, 1);
     let mut windower = Windower::new(spec, pre);
     let (mut windows, mut meta) = (Vec::new(), Vec::new());
     for row in aggregate("contracts/flows-vae/records.ndjson") {

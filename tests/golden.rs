@@ -36,12 +36,7 @@ fn window_records(model: &Model, golden: &Json) -> Ours {
         series: data["series_columns"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect(),
         fields: pre.fields().to_vec(),
     };
-    let spec = WindowSpec {
-        length: model.window_len(),
-        stride: 1,
-        max_gap_secs: model.meta.window.max_gap_secs,
-        nan_policy: model.meta.window.nan_policy,
-    };
+    let spec = WindowSpec::for_model(model, 1);
     let mut windower = Windower::new(spec, pre);
     let name = records.file_name().unwrap().to_string_lossy().to_string();
     let body = std::fs::read_to_string(&records).unwrap();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::alert::{Direction, Policy};
+use crate::record::LineFormat;
 
 /// The reference file is also the embedded default, so the two cannot drift apart.
 pub const DEFAULT_TOML: &str = include_str!("../../config/anomalyd.toml");
@@ -70,6 +71,18 @@ pub enum RecordFormat {
     Influx,
     /// goflow2 flow records, aggregated into per-host buckets for a flow model.
     Goflow2,
+}
+
+impl RecordFormat {
+    /// The line format of a record parser; `None` for flows (aggregated before they are records).
+    pub fn line_format(self) -> Option<LineFormat> {
+        match self {
+            RecordFormat::Csv => Some(LineFormat::Csv),
+            RecordFormat::Ndjson => Some(LineFormat::Ndjson),
+            RecordFormat::Influx => Some(LineFormat::Influx),
+            RecordFormat::Goflow2 => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -2,7 +2,6 @@
 //! per-series metrics; each batch's Kafka deliveries and offsets then go to the committer.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,6 +14,7 @@ use super::Scored;
 use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::AlertRules;
 use crate::sink::kafka::{KafkaSinks, Output};
+use crate::sink::JsonLines;
 use crate::telemetry::metrics::Metrics;
 
 /// Built by `app` from its parts; everything it holds is its own until the input closes.
@@ -25,10 +25,10 @@ pub struct AlertStage {
     /// Alert policy and per-series overrides, swapped by a reload.
     pub rules: watch::Receiver<AlertRules>,
     pub tracker: Tracker,
-    /// Alert events as JSON lines (`alerts.sink`).
-    pub sink: Box<dyn Write + Send>,
+    /// Alert events (`alerts.sink`).
+    pub sink: JsonLines,
     /// `alerts.scores_path`: every scored window.
-    pub scores: Option<Box<dyn Write + Send>>,
+    pub scores: Option<JsonLines>,
     /// Kafka outputs, for scores and alert events.
     pub sinks: Option<KafkaSinks>,
 }
@@ -64,14 +64,10 @@ impl AlertStage {
     }
 
     fn flush(&mut self) {
-        if let Some(Err(error)) = self.scores.as_mut().map(|w| w.flush()) {
-            self.metrics.errors.with_label_values(&["alert", "scores_sink"]).inc();
-            error!(%error, "Scores sink flush failed.");
+        if let Some(scores) = &mut self.scores {
+            scores.flush();
         }
-        if let Err(error) = self.sink.flush() {
-            self.metrics.errors.with_label_values(&["alert", "sink"]).inc();
-            error!(%error, "Alert sink flush failed.");
-        }
+        self.sink.flush();
     }
 
     async fn handle(&mut self, scored: Scored, out: &mut Vec<(DeliveryFuture, Output)>) {
@@ -109,9 +105,8 @@ impl AlertStage {
                     "score": score, "anomaly_score": anomaly, "model": model.name,
                 })
                 .to_string();
-                if let Some(Err(error)) = self.scores.as_mut().map(|w| writeln!(w, "{line}")) {
-                    m.errors.with_label_values(&["alert", "scores_sink"]).inc();
-                    error!(%error, "Scores sink write failed.");
+                if let Some(scores) = &mut self.scores {
+                    scores.write(&line);
                 }
                 if let Some(sinks) = to_kafka {
                     match sinks.score(&meta.series, &line).await {
@@ -166,9 +161,6 @@ impl AlertStage {
                 None => {}
             }
         }
-        if let Err(error) = writeln!(self.sink, "{line}") {
-            self.metrics.errors.with_label_values(&["alert", "sink"]).inc();
-            error!(%error, "Alert sink write failed.");
-        }
+        self.sink.write(&line.to_string());
     }
 }

@@ -11,7 +11,7 @@ use crate::sink::kafka::{KafkaSinks, Output};
 use crate::source::kafka::KafkaHandle;
 use crate::source::offsets::Acks;
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::LOG_EVERY;
+use crate::telemetry::LogEvery;
 
 /// A handled batch: what it produced on Kafka, and the offsets to store once that is delivered.
 #[derive(Default)]
@@ -31,7 +31,7 @@ pub struct Committer {
 impl Committer {
     pub async fn run(self, mut rx: mpsc::Receiver<Pending>) {
         let m = &self.metrics;
-        let mut failed = 0u64;
+        let mut failed = LogEvery::default();
         while let Some(pending) = rx.recv().await {
             for (delivery, output) in pending.deliveries {
                 match delivery.await {
@@ -44,13 +44,12 @@ impl Committer {
                     // written would stall it for good.
                     result => {
                         m.produce_errors.with_label_values(&[output.label()]).inc();
-                        failed += 1;
-                        if failed % LOG_EVERY == 1 {
+                        if let Some(count) = failed.tick() {
                             let error = match result {
                                 Ok(Err((e, _))) => e.to_string(),
                                 _ => "producer gone".to_string(),
                             };
-                            error!(output = output.label(), %error, count = failed, "Kafka output not delivered; its offset moves on.");
+                            error!(output = output.label(), %error, count, "Kafka output not delivered; its offset moves on.");
                         }
                     }
                 }

@@ -20,7 +20,7 @@ use crate::sink::kafka::{KafkaSinks, Output};
 use crate::source::offsets::{Acks, OffsetTracker};
 use crate::source::{Ack, Input, Origin};
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::LOG_EVERY;
+use crate::telemetry::LogEvery;
 use crate::window::{Outcome, WindowSpec, Windower};
 
 /// goflow2 input: flows are aggregated into per-host bucket rows first (docs/flow-features.md),
@@ -60,7 +60,7 @@ pub struct WindowStage {
     in_flight: InFlight,
     idle_secs: f64,
     metrics: Arc<Metrics>,
-    bad: BTreeMap<&'static str, u64>,
+    bad: BTreeMap<&'static str, LogEvery>,
     seq: u64,
     batch: Batch,
     /// When the current batch must go even if not full (set by its first window).
@@ -130,12 +130,9 @@ impl WindowStage {
 
     fn discard(&mut self, reason: &'static str, detail: &dyn std::fmt::Display) {
         self.metrics.records_discarded.with_label_values(&[reason]).inc();
-        let n = self.bad.entry(reason).or_default();
-        *n += 1;
-        if *n % LOG_EVERY == 1 {
-            warn!(reason, error = %detail, count = *n, "Dropped record.");
-        } else {
-            debug!(reason, error = %detail, "Dropped record.");
+        match self.bad.entry(reason).or_default().tick() {
+            Some(count) => warn!(reason, error = %detail, count, "Dropped record."),
+            None => debug!(reason, error = %detail, "Dropped record."),
         }
     }
 

@@ -25,6 +25,7 @@ use super::offsets::Acks;
 use super::{Ack, Input, Origin, MAX_LINE_BATCH};
 use crate::config::KafkaConfig;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::LogEvery;
 
 /// Topic names by index: positions carry the index, and a regex subscription finds new topics
 /// at run time.
@@ -153,6 +154,8 @@ pub struct KafkaSource {
     consumer: Arc<ObservedConsumer>,
     topics: Topics,
     revoked: mpsc::UnboundedReceiver<Revoked>,
+    /// Consume errors: counted, logged at a limited rate (a broker outage gives one per poll).
+    errors: LogEvery,
 }
 
 /// Creates the consumer and subscribes (a topic starting with `^` is a regex); returns the
@@ -188,13 +191,18 @@ pub fn connect(cfg: &KafkaConfig, topics: Topics, metrics: Arc<Metrics>) -> Resu
     let names: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names).with_context(|| format!("kafka.topics: subscribing to {names:?}"))?;
     let consumer = Arc::new(consumer);
-    Ok((KafkaSource { consumer: consumer.clone(), topics: topics.clone(), revoked }, KafkaHandle { consumer, topics }))
+    Ok((
+        KafkaSource { consumer: consumer.clone(), topics: topics.clone(), revoked, errors: LogEvery::default() },
+        KafkaHandle { consumer, topics },
+    ))
 }
 
 impl KafkaSource {
     /// Reads messages until cancelled; each payload is one record line. Messages go down the
     /// line queue in batches of what librdkafka has at hand (at most [`MAX_LINE_BATCH`]).
     pub async fn run(mut self, tx: mpsc::Sender<Vec<Input>>, stop: CancellationToken, metrics: Arc<Metrics>) {
+        // A received message borrows the consumer; `take` needs `self` mutably.
+        let consumer = self.consumer.clone();
         loop {
             let first = tokio::select! {
                 biased;
@@ -206,13 +214,13 @@ impl KafkaSource {
                     }
                     continue;
                 }
-                msg = self.consumer.recv() => msg,
+                msg = consumer.recv() => msg,
             };
             let mut batch = Vec::new();
-            take(&mut self.revoked, &self.topics, first, &mut batch, &metrics);
+            self.take(first, &mut batch, &metrics);
             while batch.len() < MAX_LINE_BATCH {
-                match ready_now(self.consumer.recv()) {
-                    Some(msg) => take(&mut self.revoked, &self.topics, msg, &mut batch, &metrics),
+                match ready_now(consumer.recv()) {
+                    Some(msg) => self.take(msg, &mut batch, &metrics),
                     None => break,
                 }
             }
@@ -222,37 +230,33 @@ impl KafkaSource {
         }
         info!("Kafka source stopped.");
     }
-}
 
-/// Appends a received message (or counts the error), after the revoke markers of any
-/// rebalance callback that ran while receiving it: those partitions' earlier records are
-/// already in the batch, and this message may be from after the rebalance.
-fn take(
-    revoked: &mut mpsc::UnboundedReceiver<Revoked>,
-    topics: &Topics,
-    msg: KafkaResult<BorrowedMessage<'_>>,
-    batch: &mut Vec<Input>,
-    metrics: &Metrics,
-) {
-    while let Ok(partitions) = revoked.try_recv() {
-        batch.push(revoke_marker(topics, partitions));
-    }
-    let msg = match msg {
-        Ok(m) => m,
-        Err(error) => {
-            metrics.errors.with_label_values(&["kafka", "consume"]).inc();
-            warn!(%error, "Kafka consume error.");
-            return;
+    /// Appends a received message (or counts the error), after the revoke markers of any
+    /// rebalance callback that ran while receiving it: those partitions' earlier records are
+    /// already in the batch, and this message may be from after the rebalance.
+    fn take(&mut self, msg: KafkaResult<BorrowedMessage<'_>>, batch: &mut Vec<Input>, metrics: &Metrics) {
+        while let Ok(partitions) = self.revoked.try_recv() {
+            batch.push(revoke_marker(&self.topics, partitions));
         }
-    };
-    metrics.records_received.inc();
-    let ack = Ack { topic: topics.index(msg.topic()), partition: msg.partition(), offset: msg.offset() };
-    let origin = Origin { ack, key: msg.key().map(<[u8]>::to_vec) };
-    let payload = msg.payload().unwrap_or_default();
-    batch.push(match std::str::from_utf8(payload) {
-        Ok(text) => Input::Line(text.to_string(), Some(origin)),
-        Err(_) => Input::Undecodable(payload.to_vec(), origin),
-    });
+        let msg = match msg {
+            Ok(m) => m,
+            Err(error) => {
+                metrics.errors.with_label_values(&["kafka", "consume"]).inc();
+                if let Some(count) = self.errors.tick() {
+                    warn!(%error, count, "Kafka consume error.");
+                }
+                return;
+            }
+        };
+        metrics.records_received.inc();
+        let ack = Ack { topic: self.topics.index(msg.topic()), partition: msg.partition(), offset: msg.offset() };
+        let origin = Origin { ack, key: msg.key().map(<[u8]>::to_vec) };
+        let payload = msg.payload().unwrap_or_default();
+        batch.push(match std::str::from_utf8(payload) {
+            Ok(text) => Input::Line(text.to_string(), Some(origin)),
+            Err(_) => Input::Undecodable(payload.to_vec(), origin),
+        });
+    }
 }
 
 fn revoke_marker(topics: &Topics, revoked: Revoked) -> Input {
