@@ -336,24 +336,29 @@ impl Tracker {
     }
 }
 
-/// Index of the largest contribution (ties: lowest index); NaN contributions are skipped.
-fn top_feature(scores: &[f32]) -> Option<usize> {
-    let best = scores.iter().enumerate().filter(|(_, s)| !s.is_nan()).fold(None, |best, (i, &s)| match best {
-        Some((_, b)) if b >= s => best,
-        _ => Some((i, s)),
-    });
-    best.map(|(i, _)| i)
-}
+/// How many features an alert (and `anomalyd score`) names.
+pub const TOP_FEATURES: usize = 3;
 
-/// The 3 largest contributions, largest first (ties: lowest index), in the order `top_feature` picks.
-fn top_features(obs: &Observation) -> Vec<TopFeature> {
-    let scores = obs.feature_scores;
+/// The indices of the `k` largest contributions, largest first; ties go to the lowest index and
+/// NaN contributions (a feature the model could not score) are never named. The one ranking the
+/// daemon's alerts and `anomalyd score` both use, so the two blame the same features.
+pub fn ranked_features(scores: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).filter(|&i| !scores[i].is_nan()).collect();
     // Stable, and NaN was filtered out, so equal contributions keep index order.
-    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap_or(std::cmp::Ordering::Equal));
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    order.truncate(k);
     order
+}
+
+fn top_feature(scores: &[f32]) -> Option<usize> {
+    ranked_features(scores, 1).first().copied()
+}
+
+/// The [`TOP_FEATURES`] largest contributions, in [`ranked_features`] order.
+fn top_features(obs: &Observation) -> Vec<TopFeature> {
+    let scores = obs.feature_scores;
+    ranked_features(scores, TOP_FEATURES)
         .into_iter()
-        .take(3)
         .map(|i| TopFeature {
             // Lengths come from the bundle; a mismatch degrades the report, not the alert.
             name: obs.feature_names.get(i).cloned().unwrap_or_else(|| format!("feature_{i}")),

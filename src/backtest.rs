@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::alert::{ranked_features, TOP_FEATURES};
 use crate::model::{Model, Scorer};
 use crate::preprocess::Preprocessor;
 use crate::record::{CsvParser, FieldMap, LineFormat, LineParser, TimeFormat};
@@ -19,7 +20,6 @@ use crate::window::{Outcome, WindowSpec, Windower};
 /// Windows per ONNX Runtime call.
 const BATCH: usize = 256;
 /// Feature names listed per window in the output.
-const TOP_FEATURES: usize = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum InputFormat {
@@ -100,9 +100,7 @@ impl Output {
     }
 
     fn write(&mut self, series: &str, end_ts: f64, score: f32, feature_scores: &[f32]) -> Result<()> {
-        let mut order: Vec<usize> = (0..feature_scores.len()).collect();
-        order.sort_by(|&a, &b| feature_scores[b].total_cmp(&feature_scores[a]));
-        let top: Vec<&str> = order.iter().take(TOP_FEATURES).map(|&j| self.names[j].as_str()).collect();
+        let top: Vec<&str> = ranked_features(feature_scores, TOP_FEATURES).into_iter().map(|j| self.names[j].as_str()).collect();
         let anomaly = score as f64 / self.threshold;
         match self.format {
             OutputFormat::Csv => {
@@ -224,4 +222,23 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
 
 fn extension(path: &Path) -> &str {
     path.extension().and_then(|e| e.to_str()).unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_same_top_features_as_an_alert_when_a_contribution_is_nan() {
+        let path = std::env::temp_dir().join(format!("anomalyd-backtest-{}.csv", std::process::id()));
+        let names = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let file = std::fs::File::create(&path).unwrap();
+        let mut out = Output { out: Box::new(file), format: OutputFormat::Csv, names, threshold: 1.0 };
+        out.write("s", 10.0, 2.0, &[0.1, f32::NAN, 0.5, 0.3]).unwrap();
+        out.out.flush().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(text, "s,10,2,2,c|d|a\n");
+        assert_eq!(ranked_features(&[0.1, f32::NAN, 0.5, 0.3], TOP_FEATURES), [2, 3, 0]);
+    }
 }
