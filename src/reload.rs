@@ -103,7 +103,7 @@ impl Reloader {
         }
 
         let bundle = Model::load(&new.model.path)?;
-        let model_changed = bundle.meta.onnx.sha256 != self.model.model.meta.onnx.sha256 || new.model.path != old.model.path;
+        let model_changed = bundle.differs_from(&self.model.model) || new.model.path != old.model.path;
         let in_use = Arc::new(ModelInUse::new(bundle, new.model.threshold));
         let threshold_changed = in_use.threshold != self.model.threshold;
         let scorers = if model_changed {

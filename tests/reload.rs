@@ -67,3 +67,33 @@ fn a_broken_bundle_is_refused_and_the_old_model_keeps_scoring() {
     assert_eq!(d.stderr().matches("Reload failed").count(), 1, "logged once, not on every poll");
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn a_new_bundle_brings_its_own_gap_and_nan_policy() {
+    let dir = temp_dir("reload-gap");
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for f in ["model.json", "model.onnx"] {
+        std::fs::copy(repo().join("models/skab-convae").join(f), bundle.join(f)).unwrap();
+    }
+    let mut d = Daemon::start_piped(&dir, &stdin_config(bundle.to_str().unwrap(), 0.0));
+    // The records hold a 30 s gap (after 70 rows 1 s apart): the bundle's max_gap_secs of 10
+    // restarts the window there. A new bundle that allows 1000 s must not.
+    let mut meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("model.json")).unwrap()).unwrap();
+    assert_eq!(meta["window"]["max_gap_secs"], 10.0);
+    meta["window"]["max_gap_secs"] = 1000.0.into();
+    meta["window"]["nan_policy"] = "ffill".into();
+    std::fs::write(bundle.join("model.json"), meta.to_string()).unwrap();
+    d.wait_for(|d| d.metric("anomalyd_reloads_total{result=\"ok\"}").is_some_and(|v| v >= 1.0), "reload");
+
+    let lines = records();
+    let mut sent: Vec<String> = lines[..101].to_vec();
+    // A NaN after the gap: dropped under the old policy ("error"), filled under "ffill".
+    let last: Vec<&str> = lines[100].split(';').collect();
+    sent.push(format!("2026-01-05 10:03:00;nan;{}", last[2..].join(";")));
+    d.send(&sent.iter().map(String::as_str).collect::<Vec<_>>());
+    // 100 data rows and the filled one, one segment: every row from the 32nd completes a window.
+    d.wait_for(|d| scored(d) == 70.0, "70 windows: no restart at the gap, the NaN row filled");
+    assert_eq!(d.metric("anomalyd_records_discarded_total{reason=\"nan\"}"), Some(0.0));
+    assert_eq!(d.stop(), 0);
+}

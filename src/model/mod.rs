@@ -34,6 +34,8 @@ pub struct Model {
     pub dir: PathBuf,
     pub meta: ModelMeta,
     pub onnx_path: PathBuf,
+    /// sha256 of `model.json` as read: a bundle is another model when either file changed.
+    pub json_sha256: String,
 }
 
 impl Model {
@@ -50,7 +52,8 @@ impl Model {
         if digest != meta.onnx.sha256 {
             return Err(refuse(&onnx_path, format!("sha256 {digest} does not match model.json ({})", meta.onnx.sha256)));
         }
-        Ok(Model { dir: dir.to_path_buf(), meta, onnx_path })
+        let json_sha256 = format!("{:x}", Sha256::digest(text.as_bytes()));
+        Ok(Model { dir: dir.to_path_buf(), meta, onnx_path, json_sha256 })
     }
 
     /// W: rows per window.
@@ -61,6 +64,11 @@ impl Model {
     /// F: features per row.
     pub fn n_features(&self) -> usize {
         self.meta.features.len()
+    }
+
+    /// Another bundle than `other`: its graph or its `model.json` (scaling, windowing, threshold) differ.
+    pub fn differs_from(&self, other: &Model) -> bool {
+        self.meta.onnx.sha256 != other.meta.onnx.sha256 || self.json_sha256 != other.json_sha256 || self.dir != other.dir
     }
 
     pub fn threshold(&self) -> f64 {

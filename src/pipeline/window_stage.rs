@@ -177,7 +177,7 @@ impl WindowStage {
         }
         if !same_layout(&self.model.model, &swap.model.model) {
             let dropped = self.windower.live_series();
-            self.spec.length = swap.model.model.window_len();
+            self.spec = WindowSpec::for_model(&swap.model.model, self.spec.stride);
             self.windower = Windower::with_max_series(self.spec, Preprocessor::new(&swap.model.model.meta), self.max_series);
             warn!(series = dropped, "New model windows or scales differently; all series warm up again.");
         }
