@@ -1,17 +1,14 @@
 //! The flow-feature contract (docs/flow-features.md) against the shared vectors, and golden
 //! parity of the flow VAE from raw goflow2 records to ONNX scores.
 
-use std::path::PathBuf;
+mod common;
 
 use anomalyd::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
 use anomalyd::model::{Model, Scorer};
 use anomalyd::preprocess::Preprocessor;
 use anomalyd::record::{RawRecord, Value};
 use anomalyd::window::{Outcome, WindowSpec, Windower};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::repo;
 
 /// Every row of a file, sorted by host then bucket as the reference prints them.
 fn aggregate(path: &str) -> Vec<FlowRow> {

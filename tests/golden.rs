@@ -1,19 +1,18 @@
 //! Golden-vector parity with the trainer (contracts/<bundle>/golden.json, docs/model-contract.md §6):
 //! the same raw records give the same windows and, through real ONNX Runtime, the same scores.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use anomalyd::model::{Model, Scorer};
 use anomalyd::preprocess::Preprocessor;
 use anomalyd::record::{parse_ndjson, CsvParser, FieldMap, TimeFormat};
 use anomalyd::window::{Outcome, WindowSpec, Windower};
+use common::repo;
 use serde_json::Value as Json;
 
 const TOLERANCE: f64 = 1e-5;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= TOLERANCE * 1f64.max(a.abs())

@@ -1,17 +1,10 @@
 //! `anomalyd score` end to end: real bundle, real ONNX Runtime, files in and out.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("anomalyd-score-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
+use common::{repo, temp_dir};
 
 fn score(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_anomalyd")).arg("score").arg("--quiet").args(args).output().unwrap()
@@ -19,7 +12,8 @@ fn score(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn scores_every_window_of_the_golden_records_like_the_trainer() {
-    let out = tmp("skab.csv");
+    let dir = temp_dir("score-golden");
+    let out = dir.join("skab.csv");
     let records = repo().join("contracts/skab-convae/records.csv");
     let run = score(&["--model", "models/skab-convae", "--input", records.to_str().unwrap(), "--output", out.to_str().unwrap()]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
@@ -44,7 +38,8 @@ fn scores_every_window_of_the_golden_records_like_the_trainer() {
 
 #[test]
 fn bad_lines_are_counted_by_reason_and_skipped() {
-    let input = tmp("bad.ndjson");
+    let dir = temp_dir("score-bad");
+    let input = dir.join("bad.ndjson");
     let model = repo().join("models/flows-vae");
     let features: Vec<String> = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(model.join("model.json")).unwrap())
         .unwrap()["features"]
