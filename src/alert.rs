@@ -628,13 +628,28 @@ mod tests {
     }
 
     #[test]
-    fn out_of_range_policies_do_not_panic() {
+    fn out_of_range_policies_do_not_panic_and_keep_events_consistent() {
         for p in [policy(0, 0, 0, 0.0), policy(100, 200, 0, f64::NAN), policy(1, 64, u32::MAX, -1.0)] {
-            let mut t = Tracker::new(p);
+            let mut t = Tracker::new(p.clone());
             let scores: Vec<f64> = (0..70).map(|i| if i % 3 == 0 { CLEAN } else { HIT }).collect();
-            feed(&mut t, "a", 0.0, &scores);
-            t.observe(&window("a", f64::NAN, HIT).obs());
-            t.state("a");
+            let mut events = feed(&mut t, "a", 0.0, &scores);
+            events.push(t.observe(&window("a", f64::NAN, HIT).obs()));
+            // Whatever the policy, a series fires only on a hit, and fired and resolved alternate.
+            let mut firing = false;
+            for e in events.iter().flatten() {
+                match e {
+                    Event::Fired(a) => {
+                        assert!(!firing && a.anomaly_score > 1.0, "{p:?}: fired twice, or on a clean window");
+                        firing = true;
+                    }
+                    Event::Resolved(_) => {
+                        assert!(firing, "{p:?}: resolved without firing");
+                        firing = false;
+                    }
+                }
+            }
+            assert_eq!(t.state("a") == AlertState::Firing, firing, "{p:?}");
+            assert_eq!(t.firing(), usize::from(firing), "{p:?}: the firing count follows the events");
         }
     }
 

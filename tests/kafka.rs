@@ -256,7 +256,7 @@ fn after_kill_9_every_window_is_on_the_scores_topic() {
     c.produce(&topic, &records[..1000]);
     let mut d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total").is_some_and(|v| v >= 5.0 * (200.0 - 31.0)), "first half scored");
-    std::thread::sleep(Duration::from_millis(500));
+    d.wait_for(|_| c.committed(&topic, &group) > 0, "an offset committed");
     d.child.kill().unwrap();
     d.child.wait().unwrap();
     let committed_at_crash = c.committed(&topic, &group);
