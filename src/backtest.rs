@@ -84,14 +84,14 @@ fn training_input(model: &Model, pre: &Preprocessor) -> TrainingInput {
     TrainingInput { map, delimiter, header }
 }
 
-struct Output {
+struct ScoreWriter {
     out: Box<dyn Write>,
     format: OutputFormat,
     names: Vec<String>,
     threshold: f64,
 }
 
-impl Output {
+impl ScoreWriter {
     fn header(&mut self) -> Result<()> {
         if self.format == OutputFormat::Csv {
             writeln!(self.out, "series,end_ts,score,anomaly_score,top_features")?;
@@ -165,7 +165,7 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         }
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let mut out = Output { out: sink, format: args.output_format, names, threshold: model.threshold() };
+    let mut out = ScoreWriter { out: sink, format: args.output_format, names, threshold: model.threshold() };
     out.header()?;
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
     bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {per_sec} eta {eta} {msg}")?);
@@ -174,7 +174,7 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     let mut pending: Vec<(String, f64)> = Vec::with_capacity(BATCH);
     let mut skipped: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut windows = 0u64;
-    let mut flush = |batch: &mut Vec<f32>, pending: &mut Vec<(String, f64)>, out: &mut Output| -> Result<()> {
+    let mut flush = |batch: &mut Vec<f32>, pending: &mut Vec<(String, f64)>, out: &mut ScoreWriter| -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
@@ -233,7 +233,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("anomalyd-backtest-{}.csv", std::process::id()));
         let names = ["a", "b", "c", "d"].map(String::from).to_vec();
         let file = std::fs::File::create(&path).unwrap();
-        let mut out = Output { out: Box::new(file), format: OutputFormat::Csv, names, threshold: 1.0 };
+        let mut out = ScoreWriter { out: Box::new(file), format: OutputFormat::Csv, names, threshold: 1.0 };
         out.write("s", 10.0, 2.0, &[0.1, f32::NAN, 0.5, 0.3]).unwrap();
         out.out.flush().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();

@@ -13,7 +13,7 @@ use super::commit::Pending;
 use super::Scored;
 use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::AlertRules;
-use crate::sink::kafka::{KafkaSinks, Output};
+use crate::sink::kafka::{KafkaOutput, KafkaSinks};
 use crate::sink::JsonLines;
 use crate::telemetry::metrics::Metrics;
 
@@ -70,7 +70,7 @@ impl AlertStage {
         self.sink.flush();
     }
 
-    async fn handle(&mut self, scored: Scored, out: &mut Vec<(DeliveryFuture, Output)>) {
+    async fn handle(&mut self, scored: Scored, out: &mut Vec<(DeliveryFuture, KafkaOutput)>) {
         let m = self.metrics.clone();
         let batch = scored.batch;
         let scores = match scored.scores {
@@ -98,7 +98,7 @@ impl AlertStage {
                 m.anomalous_windows.inc();
             }
             m.event_to_score.observe((now - meta.end_ts).max(0.0));
-            let to_kafka = self.sinks.as_ref().filter(|s| s.scores());
+            let to_kafka = self.sinks.as_ref().filter(|s| s.has_scores());
             if self.scores.is_some() || to_kafka.is_some() {
                 let line = serde_json::json!({
                     "series": meta.series, "window_start_ts": meta.start_ts, "window_end_ts": meta.end_ts,
@@ -110,7 +110,7 @@ impl AlertStage {
                 }
                 if let Some(sinks) = to_kafka {
                     match sinks.score(&meta.series, &line).await {
-                        Some(delivery) => out.push((delivery, Output::Score)),
+                        Some(delivery) => out.push((delivery, KafkaOutput::Score)),
                         None => m.produce_errors.with_label_values(&["score"]).inc(),
                     }
                 }
@@ -142,7 +142,7 @@ impl AlertStage {
         self.flush();
     }
 
-    async fn emit(&mut self, event: Event, model: &str, out: &mut Vec<(DeliveryFuture, Output)>) {
+    async fn emit(&mut self, event: Event, model: &str, out: &mut Vec<(DeliveryFuture, KafkaOutput)>) {
         let (kind, alert) = match &event {
             Event::Fired(a) => ("firing", a),
             Event::Resolved(a) => ("resolved", a),
@@ -156,8 +156,8 @@ impl AlertStage {
         info!(series = %alert.series, event = kind, anomaly_score = alert.anomaly_score, "Alert.");
         if let Some(sinks) = &self.sinks {
             match sinks.alert(&alert.series, &line.to_string()).await {
-                Some(delivery) => out.push((delivery, Output::Alert)),
-                None if sinks.alerts() => self.metrics.produce_errors.with_label_values(&["alert"]).inc(),
+                Some(delivery) => out.push((delivery, KafkaOutput::Alert)),
+                None if sinks.has_alerts() => self.metrics.produce_errors.with_label_values(&["alert"]).inc(),
                 None => {}
             }
         }

@@ -7,7 +7,7 @@ use rdkafka::producer::DeliveryFuture;
 use tokio::sync::mpsc;
 use tracing::error;
 
-use crate::sink::kafka::{KafkaSinks, Output};
+use crate::sink::kafka::{KafkaOutput, KafkaSinks};
 use crate::source::kafka::KafkaHandle;
 use crate::source::offsets::Acks;
 use crate::telemetry::metrics::Metrics;
@@ -16,7 +16,7 @@ use crate::telemetry::LogEvery;
 /// A handled batch: what it produced on Kafka, and the offsets to store once that is delivered.
 #[derive(Default)]
 pub struct Pending {
-    pub deliveries: Vec<(DeliveryFuture, Output)>,
+    pub deliveries: Vec<(DeliveryFuture, KafkaOutput)>,
     pub acks: Acks,
 }
 
@@ -36,7 +36,7 @@ impl Committer {
             for (delivery, output) in pending.deliveries {
                 match delivery.await {
                     Ok(Ok(_)) => {
-                        if let Output::DeadLetter(reason) = output {
+                        if let KafkaOutput::DeadLetter(reason) = output {
                             m.dead_letters.with_label_values(&[reason]).inc();
                         }
                     }

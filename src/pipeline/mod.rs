@@ -19,7 +19,7 @@ use rdkafka::producer::DeliveryFuture;
 
 use crate::model::lifecycle::ModelInUse;
 use crate::model::{Scorer, Scores};
-use crate::sink::kafka::Output;
+use crate::sink::kafka::KafkaOutput;
 use crate::source::offsets::Acks;
 
 /// Windows of one inference call, with what the alert stage needs to know about each.
@@ -27,7 +27,7 @@ pub struct Batch {
     seq: u64,
     model: Arc<ModelInUse>,
     windows: Vec<f32>,
-    meta: Vec<WindowMeta>,
+    meta: Vec<WindowInfo>,
     /// Series evicted (idle) since the previous batch: the alert stage forgets them after this
     /// batch's windows, so their per-series state and gauges go too.
     evicted: Vec<String>,
@@ -35,7 +35,7 @@ pub struct Batch {
     acks: Acks,
     /// Dead letters enqueued since the previous batch: delivered before the batch's offsets are
     /// stored.
-    deliveries: Vec<(DeliveryFuture, Output)>,
+    deliveries: Vec<(DeliveryFuture, KafkaOutput)>,
 }
 
 impl Batch {
@@ -45,7 +45,7 @@ impl Batch {
     }
 }
 
-pub struct WindowMeta {
+pub struct WindowInfo {
     series: String,
     start_ts: f64,
     end_ts: f64,

@@ -9,14 +9,14 @@ use anyhow::{anyhow, Result};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Batch, InFlight, ToScoring, WindowMeta};
+use super::{Batch, InFlight, ToScoring, WindowInfo};
 use crate::config::{Config, SourceKind};
 use crate::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
 use crate::model::lifecycle::{ModelInUse, ModelSwap};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
 use crate::record::{LineParser, RawRecord, Value};
-use crate::sink::kafka::{KafkaSinks, Output};
+use crate::sink::kafka::{KafkaOutput, KafkaSinks};
 use crate::source::offsets::{Acks, OffsetTracker};
 use crate::source::{Ack, Input, Origin};
 use crate::telemetry::metrics::Metrics;
@@ -214,7 +214,7 @@ impl WindowStage {
         }
         match pushed.outcome {
             Outcome::Window { start_ts, end_ts } => {
-                self.batch.meta.push(WindowMeta { series: record.series, start_ts, end_ts });
+                self.batch.meta.push(WindowInfo { series: record.series, start_ts, end_ts });
                 let wait = self.batch_wait;
                 self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
             }
@@ -291,9 +291,9 @@ impl WindowStage {
         self.discard(reason, &detail);
         let Some(origin) = origin else { return };
         self.handled(origin.ack);
-        let Some(sinks) = self.sinks.as_ref().filter(|s| s.dead_letters()) else { return };
+        let Some(sinks) = self.sinks.as_ref().filter(|s| s.has_dead_letters()) else { return };
         match sinks.dead_letter(payload, origin, reason, detail).await {
-            Some(delivery) => self.batch.deliveries.push((delivery, Output::DeadLetter(reason))),
+            Some(delivery) => self.batch.deliveries.push((delivery, KafkaOutput::DeadLetter(reason))),
             None => self.metrics.produce_errors.with_label_values(&["dead_letter"]).inc(),
         }
     }

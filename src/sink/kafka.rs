@@ -14,19 +14,19 @@ use crate::source::Origin;
 
 /// Which Kafka output a message was for (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
+pub enum KafkaOutput {
     /// With the reason the record was dropped.
     DeadLetter(&'static str),
     Score,
     Alert,
 }
 
-impl Output {
+impl KafkaOutput {
     pub fn label(self) -> &'static str {
         match self {
-            Output::DeadLetter(_) => "dead_letter",
-            Output::Score => "score",
-            Output::Alert => "alert",
+            KafkaOutput::DeadLetter(_) => "dead_letter",
+            KafkaOutput::Score => "score",
+            KafkaOutput::Alert => "alert",
         }
     }
 }
@@ -55,15 +55,18 @@ impl KafkaSinks {
         Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, scores_topic, alerts_topic }))
     }
 
-    pub fn dead_letters(&self) -> bool {
+    /// Whether `dead_letter_topic` is configured (`dead_letter` sends).
+    pub fn has_dead_letters(&self) -> bool {
         self.dead_letter_topic.is_some()
     }
 
-    pub fn scores(&self) -> bool {
+    /// Whether `scores_topic` is configured (`score` sends).
+    pub fn has_scores(&self) -> bool {
         self.scores_topic.is_some()
     }
 
-    pub fn alerts(&self) -> bool {
+    /// Whether `alerts_topic` is configured (`alert` sends).
+    pub fn has_alerts(&self) -> bool {
         self.alerts_topic.is_some()
     }
 
