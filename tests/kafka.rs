@@ -401,9 +401,11 @@ fn two_daemons_split_four_partitions_and_hand_over() {
     let assigned = |d: &Daemon| d.metric("anomalyd_kafka_assigned_partitions");
 
     c.produce(&topic, rows(0, 100));
-    let a = Daemon::start(&temp_dir("kafka-split-a"), &config);
+    let dir_a = temp_dir("kafka-split-a");
+    let a = Daemon::start(&dir_a, &config);
     a.wait_for(|a| assigned(a) == Some(4.0), "a owns all four partitions");
-    let b = Daemon::start(&temp_dir("kafka-split-b"), &config);
+    let dir_b = temp_dir("kafka-split-b");
+    let b = Daemon::start(&dir_b, &config);
     b.wait_for(|b| assigned(b) == Some(2.0) && assigned(&a) == Some(2.0), "two partitions each");
     assert_eq!(a.metric("anomalyd_kafka_rebalances_total{kind=\"revoke\"}"), Some(1.0), "a gave two partitions up");
 
@@ -441,12 +443,14 @@ fn sasl_listener_authenticates_and_a_wrong_password_is_reported() {
             + &format!("\"sasl.username\" = \"anomalyd\"\n\"sasl.password\" = \"{password}\"\n")
     };
 
-    let d = Daemon::start(&temp_dir("kafka-sasl"), &sasl(&format!("sasl-g-{id}"), "anomalyd-secret"));
+    let dir = temp_dir("kafka-sasl");
+    let d = Daemon::start(&dir, &sasl(&format!("sasl-g-{id}"), "anomalyd-secret"));
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "138 windows through the SASL listener");
     assert_eq!(d.stop(), 0);
     assert!(c.read_all(&alerts_topic).iter().any(|(key, _, _)| key.as_deref() == Some("pump")), "alert produced over SASL");
 
-    let d = Daemon::start(&temp_dir("kafka-sasl-wrong"), &sasl(&format!("sasl-wrong-{id}"), "not-the-password"));
+    let dir = temp_dir("kafka-sasl-wrong");
+    let d = Daemon::start(&dir, &sasl(&format!("sasl-wrong-{id}"), "not-the-password"));
     d.wait_for(
         |d| d.metric("anomalyd_errors_total{error_type=\"authentication\",stage=\"kafka\"}").is_some_and(|n| n > 0.0),
         "the authentication error counted",

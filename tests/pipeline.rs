@@ -104,7 +104,8 @@ fn stdin_with_endless_batches(flush_when_idle: bool) -> String {
 #[test]
 fn a_partial_batch_goes_to_an_idle_worker_at_once() {
     let records = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
-    let mut d = Daemon::start_piped(&temp_dir("idle"), &stdin_with_endless_batches(true));
+    let dir = temp_dir("idle");
+    let mut d = Daemon::start_piped(&dir, &stdin_with_endless_batches(true));
     let lines: Vec<&str> = records.lines().collect();
     d.send(&lines);
     // As many windows as from the file.
