@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
 
 use crate::alert::{Direction, Policy};
@@ -134,8 +135,9 @@ impl ScoringConfig {
     }
 }
 
-/// Replaces the keys it sets for the series it matches: `series` is a glob (`*`, `?`) on the
-/// series key, `labels` globs on the values of the series fields; both must match.
+/// Replaces the keys it sets for the series it matches: `series` is a glob (`*` any run of
+/// characters, `/` included; `?` one; `[...]` a class; `{a,b}` either) on the series key,
+/// `labels` globs on the values of the series fields; both must match.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AlertOverride {
@@ -157,25 +159,57 @@ fn match_all() -> String {
 }
 
 /// The alert policy in force for each series: `[alerting]`, then the first matching
-/// `[[alert_overrides]]` entry.
-#[derive(Debug, Clone, PartialEq)]
+/// `[[alert_overrides]]` entry. Its globs are compiled once, when the rules are made.
+#[derive(Debug, Clone)]
 pub struct AlertRules {
     pub base: Policy,
     pub overrides: Vec<AlertOverride>,
     /// Names of the series fields, whose values (joined with `/`) make the series key.
     pub label_names: Vec<String>,
+    matchers: Vec<OverrideMatcher>,
+}
+
+/// An override's series glob, and per label glob the label's index in `label_names` (`None`: no
+/// such series field, so the override matches nothing).
+#[derive(Debug, Clone)]
+struct OverrideMatcher {
+    series: GlobMatcher,
+    labels: Vec<(Option<usize>, GlobMatcher)>,
+}
+
+impl PartialEq for AlertRules {
+    /// The matchers follow from the overrides.
+    fn eq(&self, other: &AlertRules) -> bool {
+        (&self.base, &self.overrides, &self.label_names) == (&other.base, &other.overrides, &other.label_names)
+    }
+}
+
+fn glob(pattern: &str) -> Result<GlobMatcher, globset::Error> {
+    Glob::new(pattern).map(|g| g.compile_matcher())
 }
 
 impl AlertRules {
+    /// `overrides` must have passed [`Config::validate`] (their globs compile).
+    fn new(base: Policy, overrides: Vec<AlertOverride>, label_names: Vec<String>) -> AlertRules {
+        let compiled = |p: &str| glob(p).expect("validated: the override's globs compile");
+        let matchers = overrides
+            .iter()
+            .map(|o| {
+                let labels = o.labels.iter().map(|(name, p)| (label_names.iter().position(|n| n == name), compiled(p))).collect();
+                OverrideMatcher { series: compiled(&o.series), labels }
+            })
+            .collect();
+        AlertRules { base, overrides, label_names, matchers }
+    }
+
     pub fn policy_for(&self, series: &str) -> Policy {
         let values: Vec<&str> = series.splitn(self.label_names.len().max(1), '/').collect();
-        let label = |name: &str| self.label_names.iter().position(|n| n == name).and_then(|i| values.get(i).copied());
-        let matches = |o: &&AlertOverride| {
-            glob_match(&o.series, series) && o.labels.iter().all(|(name, pattern)| label(name).is_some_and(|v| glob_match(pattern, v)))
+        let matches = |m: &OverrideMatcher| {
+            m.series.is_match(series) && m.labels.iter().all(|(i, g)| i.and_then(|i| values.get(i)).is_some_and(|v| g.is_match(v)))
         };
         let mut p = self.base.clone();
-        if let Some(o) = self.overrides.iter().find(matches) {
-            o.apply(&mut p);
+        if let Some(i) = self.matchers.iter().position(matches) {
+            self.overrides[i].apply(&mut p);
         }
         p
     }
@@ -205,29 +239,6 @@ impl AlertOverride {
             p.cooldown_secs = v;
         }
     }
-}
-
-/// `*` matches any run of characters, `?` any one character.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -289,7 +300,7 @@ impl ShutdownConfig {
 impl Config {
     /// `label_names`: the series fields in force (the mapping's, or the bundle's series columns).
     pub fn alert_rules(&self, label_names: &[String]) -> AlertRules {
-        AlertRules { base: self.alerting.clone(), overrides: self.alert_overrides.clone(), label_names: label_names.to_vec() }
+        AlertRules::new(self.alerting.clone(), self.alert_overrides.clone(), label_names.to_vec())
     }
 
     /// Defaults ← file ← environment (`ANOMALYD__SECTION__KEY`), then [`Config::validate`].
@@ -383,6 +394,11 @@ impl Config {
         }
         self.alerting.validate().map_err(|e| invalid("alerting", e))?;
         for (i, o) in self.alert_overrides.iter().enumerate() {
+            for (key, pattern) in
+                std::iter::once(("series".to_string(), &o.series)).chain(o.labels.iter().map(|(k, v)| (format!("labels.{k}"), v)))
+            {
+                glob(pattern).map_err(|e| invalid(&format!("alert_overrides[{i}].{key}"), e.kind().to_string()))?;
+            }
             let mut p = self.alerting.clone();
             o.apply(&mut p);
             p.validate().map_err(|e| invalid(&format!("alert_overrides[{i}] (series = {:?})", o.series), e))?;
@@ -447,6 +463,10 @@ mod tests {
         assert_eq!(rules.policy_for("db-1/eu-west").fire_hits, 2);
         assert_eq!(rules.policy_for("db-1/us-east").fire_hits, 1);
         assert_eq!(cfg.alert_rules(&["host".into()]).policy_for("db-1").fire_hits, 1, "no such label: no match");
-        assert!(glob_match("*", "") && glob_match("a*c", "abbc") && !glob_match("a?c", "abbc"));
+        let cfg = load("[[alert_overrides]]\nseries = \"a?c\"\nfire_hits = 2\nfire_windows = 3\n", &[]).unwrap();
+        let rules = cfg.alert_rules(&[]);
+        assert_eq!((rules.policy_for("abc").fire_hits, rules.policy_for("abbc").fire_hits), (2, 1), "? is one character");
+        let e = load("[[alert_overrides]]\nlabels = { dc = \"eu-[\" }\nfire_hits = 2\nfire_windows = 3\n", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("alert_overrides[0].labels.dc:") && e.contains("unclosed character class"), "{e}");
     }
 }
