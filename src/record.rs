@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDateTime};
+use influxdb_line_protocol::FieldValue;
 use tracing::error;
 
 /// Text the trainer reads as a missing value (trainer/anomalyd_trainer/data.py `MISSING_TEXT`).
@@ -276,80 +277,47 @@ pub fn parse_ndjson(map: &FieldMap, line: &str, default_series: &str) -> Result<
 
 // === Influx line protocol ===
 
-/// Splits on `sep` outside double quotes, honouring backslash escapes; escapes are kept.
-fn split_unescaped(text: &str, sep: char) -> Vec<&str> {
-    let mut out = Vec::new();
-    let (mut start, mut quoted, mut escaped) = (0, false, false);
-    for (i, c) in text.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
-            '"' => quoted = !quoted,
-            c if c == sep && !quoted => {
-                out.push(&text[start..i]);
-                start = i + c.len_utf8();
-            }
-            _ => {}
-        }
-    }
-    out.push(&text[start..]);
-    out
-}
-
-fn unescape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(next) = chars.next() {
-                out.push(next);
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Parses `measurement[,tag=v…] field=v[,field=v…] [timestamp]` (InfluxDB line protocol).
-/// Names in the map are looked up among tags, then fields; `_measurement` is the measurement.
-/// The trailing timestamp is read with the map's time format (unix_ns by default in Influx);
-/// without one, the record has no event time.
+/// Parses `measurement[,tag=v…] field=v[,field=v…] [timestamp]` (InfluxDB line protocol, with
+/// its escaping and quoting rules, by InfluxData's parser). Names in the map are looked up among
+/// tags, then fields; `_measurement` is the measurement. The trailing timestamp is read with the
+/// map's time format (unix_ns by default in Influx); without one, the record has no event time.
 pub fn parse_influx(map: &FieldMap, line: &str, default_series: &str) -> Result<RawRecord, ParseError> {
     if line.len() > MAX_LINE_BYTES {
         return Err(ParseError::TooLong(line.len()));
     }
-    let parts = split_unescaped(line.trim_end_matches(['\r', '\n']), ' ');
-    let parts: Vec<&str> = parts.into_iter().filter(|p| !p.is_empty()).collect();
-    if parts.len() < 2 || parts.len() > 3 {
-        return Err(ParseError::Malformed("not influx line protocol: expected `measurement[,tags] fields [timestamp]`".into()));
-    }
-    let mut values: HashMap<String, String> = HashMap::new();
-    let mut key = split_unescaped(parts[0], ',').into_iter();
-    values.insert("_measurement".into(), unescape(key.next().unwrap_or_default()));
-    for pair in key.chain(split_unescaped(parts[1], ',')) {
-        let kv = split_unescaped(pair, '=');
-        let [k, v] = kv.as_slice() else {
-            return Err(ParseError::Malformed(format!("not a key=value pair: {pair:?}")));
-        };
-        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).map(str::to_string).unwrap_or_else(|| {
-            // Integer (`5i`, `5u`) and boolean literals of the line protocol.
-            v.strip_suffix(['i', 'u']).filter(|n| n.parse::<i64>().is_ok() || n.parse::<u64>().is_ok()).unwrap_or(v).to_string()
-        });
-        values.insert(unescape(k), unescape(&v));
-    }
-    let get = |name: &str| values.get(name).ok_or_else(|| ParseError::MissingField(name.to_string()));
-    let ts = match (&map.timestamp, parts.get(2)) {
-        (Some(_), Some(t)) => timestamp(map, t)?,
+    let malformed = |e: &dyn std::fmt::Display| ParseError::Malformed(format!("not influx line protocol: {e}"));
+    let parsed = match influxdb_line_protocol::parse_lines(line.trim_end_matches(['\r', '\n'])).next() {
+        Some(Ok(parsed)) => parsed,
+        Some(Err(e)) => return Err(malformed(&e)),
+        None => return Err(malformed(&"an empty line")),
+    };
+    let text = |name: &str| -> Option<String> {
+        if name == "_measurement" {
+            return Some(parsed.series.measurement.to_string());
+        }
+        if let Some(tag) = parsed.tag_value(name) {
+            return Some(tag.to_string());
+        }
+        parsed.field_value(name).map(|v| match v {
+            FieldValue::String(s) => s.to_string(),
+            FieldValue::I64(n) => n.to_string(),
+            FieldValue::U64(n) => n.to_string(),
+            FieldValue::F64(x) => x.to_string(),
+            FieldValue::Boolean(b) => b.to_string(),
+        })
+    };
+    let get = |name: &str| text(name).ok_or_else(|| ParseError::MissingField(name.to_string()));
+    let ts = match (&map.timestamp, parsed.timestamp) {
+        (Some(_), Some(t)) => timestamp(map, &t.to_string())?,
         (Some((field, _)), None) => return Err(ParseError::MissingField(field.clone())),
         (None, _) => None,
     };
     let series = if map.series.is_empty() {
         default_series.to_string()
     } else {
-        map.series.iter().map(|f| get(f).map(String::as_str)).collect::<Result<Vec<_>, _>>()?.join("/")
+        map.series.iter().map(|f| get(f)).collect::<Result<Vec<_>, _>>()?.join("/")
     };
-    let values = map.fields.iter().map(|spec| value_from_text(spec, get(&spec.name)?)).collect::<Result<_, _>>()?;
+    let values = map.fields.iter().map(|spec| value_from_text(spec, &get(&spec.name)?)).collect::<Result<_, _>>()?;
     Ok(RawRecord { series, ts, values })
 }
 
@@ -462,7 +430,13 @@ mod tests {
         assert_eq!((r.series.as_str(), r.ts), ("web 1", Some(1.5e9)));
         assert_eq!(r.values, [Value::Num(42.0), Value::Text("tcp".into())]);
         assert_eq!(parse_influx(&m, "net,host=a cpu=1", "x").unwrap_err(), ParseError::MissingField("time".into()));
-        assert_eq!(parse_influx(&m, "net,host=a proto=\"t\",cpu=abc 5", "x").unwrap_err().reason(), "wrong_type");
+        assert_eq!(parse_influx(&m, "net,host=a proto=\"t\",cpu=\"abc\" 5", "x").unwrap_err().reason(), "wrong_type");
+        // An unquoted word is no field value in the line protocol.
+        assert_eq!(parse_influx(&m, "net,host=a proto=\"t\",cpu=abc 5", "x").unwrap_err().reason(), "malformed");
+        // Escapes in measurement, tag keys and values, and quoted strings, per the spec.
+        let r = parse_influx(&m, r#"n\,x,host=a\=b\,c proto="say \"hi\"",cpu=1.5e3 7"#, "x").unwrap();
+        assert_eq!(r.series, "a=b,c");
+        assert_eq!(r.values, [Value::Num(1500.0), Value::Text("say \"hi\"".into())]);
         assert_eq!(parse_influx(&m, "just-one-part", "x").unwrap_err().reason(), "malformed");
         assert_eq!(parse_influx(&m, "net,host=a proto=\"t\" 5", "x").unwrap_err(), ParseError::MissingField("cpu".into()));
     }
