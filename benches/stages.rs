@@ -40,7 +40,7 @@ fn fixture() -> Fixture {
 }
 
 fn stages(c: &mut Criterion) {
-    let f = fixture();
+    let mut f = fixture();
     let records: Vec<RawRecord> = f.lines.iter().map(|l| f.parser.parse(l, "x").unwrap()).collect();
 
     let mut g = c.benchmark_group("parse");

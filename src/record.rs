@@ -153,32 +153,69 @@ fn timestamp(map: &FieldMap, text: &str) -> Result<Option<f64>, ParseError> {
 
 // === CSV ===
 
-/// Splits one CSV line on `delimiter`, honouring double-quoted fields with `""` escapes.
-fn split_csv(line: &str, delimiter: char) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                cur.push('"');
-                chars.next();
-            }
-            '"' => quoted = !quoted,
-            c if c == delimiter && !quoted => out.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
+/// One CSV line's cells, split by `csv-core` (the `csv` crate's parser: RFC 4180 quoting, `""`
+/// escapes, CRLF) into buffers that are kept between lines, so a line costs no allocation.
+#[derive(Debug)]
+struct CsvSplitter {
+    reader: csv_core::Reader,
+    /// The unquoted cell bytes, back to back, and where each cell ends in them.
+    out: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Clone for CsvSplitter {
+    fn clone(&self) -> CsvSplitter {
+        CsvSplitter { reader: self.reader.clone(), out: Vec::new(), ends: Vec::new() }
     }
-    out.push(cur);
-    out
+}
+
+impl CsvSplitter {
+    fn new(delimiter: char) -> CsvSplitter {
+        let delimiter = u8::try_from(delimiter).ok().filter(u8::is_ascii).expect("validated: the CSV delimiter is one ASCII character");
+        CsvSplitter { reader: csv_core::ReaderBuilder::new().delimiter(delimiter).build(), out: vec![0; 256], ends: vec![0; 16] }
+    }
+
+    /// Splits one line (a leading UTF-8 BOM is dropped); the cells, in order.
+    fn split<'a>(&'a mut self, line: &str) -> Vec<&'a str> {
+        let line = line.strip_prefix('\u{feff}').unwrap_or(line).trim_end_matches(['\r', '\n']).as_bytes();
+        self.reader.reset();
+        let (mut read, mut written, mut cells) = (0, 0, 0);
+        loop {
+            // After the whole line, an empty input tells the reader the record ends here.
+            let (result, nin, nout, nend) = self.reader.read_record(&line[read..], &mut self.out[written..], &mut self.ends[cells..]);
+            (read, written, cells) = (read + nin, written + nout, cells + nend);
+            match result {
+                csv_core::ReadRecordResult::OutputFull => self.out.resize(self.out.len() * 2, 0),
+                csv_core::ReadRecordResult::OutputEndsFull => self.ends.resize(self.ends.len() * 2, 0),
+                csv_core::ReadRecordResult::InputEmpty if read < line.len() => {}
+                csv_core::ReadRecordResult::InputEmpty if !line.is_empty() => {
+                    let (result, _, nout, nend) = self.reader.read_record(&[], &mut self.out[written..], &mut self.ends[cells..]);
+                    (written, cells) = (written + nout, cells + nend);
+                    if matches!(result, csv_core::ReadRecordResult::Record) {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        let mut start = 0;
+        self.ends[..cells]
+            .iter()
+            .map(|&end| {
+                // csv-core copies the line's bytes without the quotes: still UTF-8.
+                let cell = std::str::from_utf8(&self.out[start..end]).expect("cells of a UTF-8 line are UTF-8");
+                start = end;
+                cell
+            })
+            .collect()
+    }
 }
 
 /// Parses CSV lines whose columns are known (a header line, or configured names).
 #[derive(Debug, Clone)]
 pub struct CsvParser {
     map: FieldMap,
-    delimiter: char,
+    splitter: CsvSplitter,
     columns: usize,
     /// Column index of the timestamp, each series field and each model field.
     ts_col: Option<usize>,
@@ -194,33 +231,33 @@ impl CsvParser {
         let ts_col = map.timestamp.as_ref().map(|(f, _)| col(f)).transpose()?;
         let series_cols = map.series.iter().map(|f| col(f)).collect::<Result<_, _>>()?;
         let field_cols = map.fields.iter().map(|f| col(&f.name)).collect::<Result<_, _>>()?;
-        Ok(CsvParser { map, delimiter, columns: header.len(), ts_col, series_cols, field_cols })
+        Ok(CsvParser { map, splitter: CsvSplitter::new(delimiter), columns: header.len(), ts_col, series_cols, field_cols })
     }
 
     pub fn header(line: &str, delimiter: char) -> Vec<String> {
-        split_csv(line.trim_end_matches(['\r', '\n']), delimiter)
+        CsvSplitter::new(delimiter).split(line).into_iter().map(String::from).collect()
     }
 
     /// `default_series` names the series when the map has no series fields.
-    pub fn parse(&self, line: &str, default_series: &str) -> Result<RawRecord, ParseError> {
+    pub fn parse(&mut self, line: &str, default_series: &str) -> Result<RawRecord, ParseError> {
         if line.len() > MAX_LINE_BYTES {
             return Err(ParseError::TooLong(line.len()));
         }
-        let cells = split_csv(line.trim_end_matches(['\r', '\n']), self.delimiter);
+        let cells = self.splitter.split(line);
         if cells.len() != self.columns {
             return Err(ParseError::ColumnCount { expected: self.columns, got: cells.len() });
         }
         let ts = match self.ts_col {
-            Some(i) => timestamp(&self.map, &cells[i])?,
+            Some(i) => timestamp(&self.map, cells[i])?,
             None => None,
         };
         let series = if self.series_cols.is_empty() {
             default_series.to_string()
         } else {
-            self.series_cols.iter().map(|&i| cells[i].as_str()).collect::<Vec<_>>().join("/")
+            self.series_cols.iter().map(|&i| cells[i]).collect::<Vec<_>>().join("/")
         };
         let values =
-            self.map.fields.iter().zip(&self.field_cols).map(|(spec, &i)| value_from_text(spec, &cells[i])).collect::<Result<_, _>>()?;
+            self.map.fields.iter().zip(&self.field_cols).map(|(spec, &i)| value_from_text(spec, cells[i])).collect::<Result<_, _>>()?;
         Ok(RawRecord { series, ts, values })
     }
 }
@@ -398,7 +435,7 @@ mod tests {
     #[test]
     fn csv_maps_columns_by_header_and_keeps_missing_values_as_nan() {
         let header = CsvParser::header("ts;proto;host;cpu\n", ';');
-        let p = CsvParser::new(map(), &header, ';').unwrap();
+        let mut p = CsvParser::new(map(), &header, ';').unwrap();
         let r = p.parse("5;\" tcp\";a;\n", "x").unwrap();
         assert_eq!((r.series.as_str(), r.ts), ("a", Some(5.0)));
         assert!(matches!(r.values[0], Value::Num(v) if v.is_nan()));
@@ -407,6 +444,19 @@ mod tests {
         assert_eq!(p.parse("5;tcp;a", "x").unwrap_err().reason(), "missing_field");
         assert_eq!(p.parse("yesterday;tcp;a;1", "x").unwrap_err().reason(), "bad_timestamp");
         assert!(CsvParser::new(map(), &["ts".to_string()], ';').is_err());
+    }
+
+    #[test]
+    fn csv_cells_follow_rfc_4180_quoting_and_a_bom_is_not_part_of_the_header() {
+        assert_eq!(CsvParser::header("\u{feff}ts,host,cpu\r\n", ','), ["ts", "host", "cpu"]);
+        let mut p = CsvParser::new(map(), &CsvParser::header("ts,proto,host,cpu", ','), ',').unwrap();
+        let r = p.parse("5,\"t,c\"\"p\",\"a,b\",1.5\r\n", "x").unwrap();
+        assert_eq!((r.series.as_str(), r.ts), ("a,b", Some(5.0)));
+        assert_eq!(r.values, [Value::Num(1.5), Value::Text("t,c\"p".into())]);
+        // The buffers grow for a long line and serve the next one.
+        let long = "y".repeat(5000);
+        assert_eq!(p.parse(&format!("6,{long},a,2"), "x").unwrap().values[1], Value::Text(long));
+        assert_eq!(p.parse("7,tcp,a,3", "x").unwrap().values, [Value::Num(3.0), Value::Text("tcp".into())]);
     }
 
     #[test]

@@ -42,7 +42,7 @@ fn window_records(model: &Model, golden: &Json) -> Ours {
     let mut lines = body.lines();
     let delimiter = text("csv_delimiter").chars().next().unwrap_or(',');
     let is_csv = records.extension().is_some_and(|e| e == "csv");
-    let csv = is_csv.then(|| {
+    let mut csv = is_csv.then(|| {
         let header = if data["csv_header"].as_bool().unwrap() {
             CsvParser::header(lines.next().unwrap(), delimiter)
         } else {
@@ -52,7 +52,7 @@ fn window_records(model: &Model, golden: &Json) -> Ours {
     });
     let mut ours = Ours { windows: Vec::new(), meta: Vec::new() };
     for line in lines.filter(|l| !l.trim().is_empty()) {
-        let record = match &csv {
+        let record = match &mut csv {
             Some(p) => p.parse(line, &name),
             None => parse_ndjson(&map, line, &name),
         }
