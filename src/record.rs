@@ -157,7 +157,8 @@ fn timestamp(map: &FieldMap, text: &str) -> Result<Option<f64>, ParseError> {
 /// escapes, CRLF) into buffers that are kept between lines, so a line costs no allocation.
 #[derive(Debug)]
 struct CsvSplitter {
-    reader: csv_core::Reader,
+    /// Boxed: its transition tables are large, and parsers are moved around.
+    reader: Box<csv_core::Reader>,
     /// The unquoted cell bytes, back to back, and where each cell ends in them.
     out: Vec<u8>,
     ends: Vec<usize>,
@@ -172,7 +173,7 @@ impl Clone for CsvSplitter {
 impl CsvSplitter {
     fn new(delimiter: char) -> CsvSplitter {
         let delimiter = u8::try_from(delimiter).ok().filter(u8::is_ascii).expect("validated: the CSV delimiter is one ASCII character");
-        CsvSplitter { reader: csv_core::ReaderBuilder::new().delimiter(delimiter).build(), out: vec![0; 256], ends: vec![0; 16] }
+        CsvSplitter { reader: Box::new(csv_core::ReaderBuilder::new().delimiter(delimiter).build()), out: vec![0; 256], ends: vec![0; 16] }
     }
 
     /// Splits one line (a leading UTF-8 BOM is dropped); the cells, in order.
