@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anomalyd::model::{Model, Scorer};
+use anomalyd::model::{as_windows, Model, Scorer};
 use anomalyd::preprocess::Preprocessor;
 use anomalyd::record::{CsvParser, FieldMap, RawRecord, TimeFormat};
 use anomalyd::window::{WindowSpec, Windower};
@@ -78,8 +78,8 @@ fn stages(c: &mut Criterion) {
         for batch in [1usize, 16, 64, 256] {
             let windows: Vec<f32> = (0..batch * w * n).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
             g.throughput(Throughput::Elements(batch as u64));
-            g.bench_with_input(BenchmarkId::new("windows_batch", batch), &batch, |b, &batch| {
-                b.iter(|| scorer.score(&windows, batch).unwrap().score.len())
+            g.bench_with_input(BenchmarkId::new("windows_batch", batch), &batch, |b, _| {
+                b.iter(|| scorer.score(as_windows(&windows, w, n)).unwrap().score.len())
             });
         }
         g.finish();

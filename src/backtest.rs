@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::alert::{ranked_features, TOP_FEATURES};
-use crate::model::{Model, Scorer};
+use crate::model::{as_windows, Model, Scorer};
 use crate::preprocess::Preprocessor;
 use crate::record::{CsvParser, FieldMap, LineFormat, LineParser, TimeFormat};
 use crate::window::{Outcome, WindowSpec, Windower};
@@ -178,9 +178,10 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         if pending.is_empty() {
             return Ok(());
         }
-        let scores = scorer.score(batch, pending.len()).map_err(|e| anyhow::anyhow!("inference: {e}"))?;
+        let scores = scorer.score(as_windows(batch, w, f)).map_err(|e| anyhow::anyhow!("inference: {e}"))?;
         for (i, (series, end_ts)) in pending.iter().enumerate() {
-            out.write(series, *end_ts, scores.score[i], &scores.feature_scores[i * f..(i + 1) * f])?;
+            let contributions = scores.feature_scores.row(i);
+            out.write(series, *end_ts, scores.score[i], contributions.as_slice().expect("rows are contiguous"))?;
         }
         windows += pending.len() as u64;
         batch.clear();

@@ -4,7 +4,7 @@
 mod common;
 
 use anomalyd::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
-use anomalyd::model::{Model, Scorer};
+use anomalyd::model::{as_windows, Model, Scorer};
 use anomalyd::preprocess::Preprocessor;
 use anomalyd::record::{RawRecord, Value};
 use anomalyd::window::{Outcome, WindowSpec, Windower};
@@ -80,7 +80,7 @@ fn flow_vae_scores_raw_goflow2_records_like_the_trainer() {
     }
     assert_eq!(meta.len() as u64, golden["windows_total"].as_u64().unwrap());
     let env = anomalyd::onnxruntime::init(None).expect("ONNX Runtime (scripts/fetch-onnxruntime)");
-    let scores = Scorer::new(&env, &model).unwrap().score(&windows, meta.len()).unwrap();
+    let scores = Scorer::new(&env, &model).unwrap().score(as_windows(&windows, model.window_len(), model.n_features())).unwrap();
     let f = model.n_features();
     for g in golden["windows"].as_array().unwrap() {
         let i = g["index"].as_u64().unwrap() as usize;

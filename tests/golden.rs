@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use anomalyd::model::{Model, Scorer};
+use anomalyd::model::{as_windows, Model, Scorer};
 use anomalyd::preprocess::Preprocessor;
 use anomalyd::record::{parse_ndjson, CsvParser, FieldMap, TimeFormat};
 use anomalyd::window::{Outcome, WindowSpec, Windower};
@@ -76,7 +76,7 @@ fn check_bundle(name: &str) {
     assert_eq!(ours.meta.len() as u64, golden["windows_total"].as_u64().unwrap(), "window count");
 
     let mut scorer = Scorer::new(&env, &model).unwrap();
-    let scores = scorer.score(&ours.windows, ours.meta.len()).unwrap();
+    let scores = scorer.score(as_windows(&ours.windows, model.window_len(), model.n_features())).unwrap();
     for g in golden["windows"].as_array().unwrap() {
         let i = g["index"].as_u64().unwrap() as usize;
         assert_eq!(ours.meta[i].0, g["series"].as_str().unwrap(), "window {i}: series");
@@ -92,7 +92,7 @@ fn check_bundle(name: &str) {
         let a = s / model.threshold();
         assert!(close(a, g["anomaly_score"].as_f64().unwrap()), "window {i}: anomaly_score {a} vs {}", g["anomaly_score"]);
         for (j, fs) in g["feature_scores"].as_array().unwrap().iter().enumerate() {
-            let mine = scores.feature_scores[i * f + j] as f64;
+            let mine = scores.feature_scores[[i, j]] as f64;
             assert!(close(mine, fs.as_f64().unwrap()), "window {i}: feature_scores[{j}] {mine} vs {fs}");
         }
     }

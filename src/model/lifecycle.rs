@@ -42,11 +42,11 @@ pub struct ModelSwap {
 /// cannot score is refused at start-up or reload rather than on the first batch.
 pub fn build_scorers(env: &ort::environment::Environment, model: &Model, n: usize) -> Result<Vec<Scorer>> {
     let fail = |e: ort::Error| anyhow!("{}: {e}", model.onnx_path.display());
-    let zeros = vec![0f32; model.window_len() * model.n_features()];
+    let zeros = ndarray::Array3::<f32>::zeros((1, model.window_len(), model.n_features()));
     (0..n)
         .map(|_| {
             let mut s = Scorer::new(env, model).map_err(fail)?;
-            s.score(&zeros, 1).map_err(fail)?;
+            s.score(zeros.view()).map_err(fail)?;
             Ok(s)
         })
         .collect()

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 pub use metadata::{ColumnMeta, ModelKind, ModelMeta, NanPolicy, Transform, WindowTransform};
-pub use session::{Scorer, Scores};
+pub use session::{as_windows, Scorer, Scores};
 
 /// Why a bundle was refused. Always names the file.
 #[derive(Debug, thiserror::Error)]

@@ -4,16 +4,25 @@
 //! one session with two intra-op threads on this kind of model, so each worker owns a `Scorer`
 //! built with one intra-op thread. Runs are blocking: call them off the async threads.
 
+use ndarray::{Array1, Array2, ArrayView3, Ix1, Ix2};
 use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::TensorRef;
 
 use super::Model;
 
-/// Raw scores of a batch: `score[i]` and `feature_scores[i * F .. (i + 1) * F]` for window `i`.
+/// Raw scores of a batch: `score[i]` and the row `feature_scores.row(i)` for window `i`.
 #[derive(Debug, Default, Clone)]
 pub struct Scores {
-    pub score: Vec<f32>,
-    pub feature_scores: Vec<f32>,
+    pub score: Array1<f32>,
+    /// `[n, F]`
+    pub feature_scores: Array2<f32>,
+}
+
+/// A flat buffer of whole windows, oldest row first (what the window stage appends to), as the
+/// `[n, W, F]` array the model scores.
+pub fn as_windows(buffer: &[f32], window: usize, features: usize) -> ArrayView3<'_, f32> {
+    let n = buffer.len() / (window * features).max(1);
+    ArrayView3::from_shape((n, window, features), buffer).expect("the buffer holds whole windows of W x F")
 }
 
 pub struct Scorer {
@@ -47,13 +56,14 @@ impl Scorer {
         Ok(Scorer { session, window, features })
     }
 
-    /// Scores `n` windows laid out contiguously as `[n, W, F]` f32 (contract §2.4).
-    pub fn score(&mut self, windows: &[f32], n: usize) -> ort::Result<Scores> {
-        assert_eq!(windows.len(), n * self.window * self.features, "batch buffer must hold exactly n windows");
-        let input = TensorRef::from_array_view(([n, self.window, self.features], windows))?;
+    /// Scores a `[n, W, F]` batch of windows (contract §2.4).
+    pub fn score(&mut self, windows: ArrayView3<f32>) -> ort::Result<Scores> {
+        assert_eq!(&windows.shape()[1..], [self.window, self.features], "windows must be [n, W, F] of this model");
+        let input = TensorRef::from_array_view(windows)?;
         let outputs = self.session.run(ort::inputs!["window" => input])?;
-        let (_, score) = outputs["score"].try_extract_tensor::<f32>()?;
-        let (_, feature_scores) = outputs["feature_scores"].try_extract_tensor::<f32>()?;
-        Ok(Scores { score: score.to_vec(), feature_scores: feature_scores.to_vec() })
+        let shape = |e: ndarray::ShapeError| ort::Error::new(format!("unexpected output shape: {e}"));
+        let score = outputs["score"].try_extract_array::<f32>()?.into_dimensionality::<Ix1>().map_err(shape)?.to_owned();
+        let feature_scores = outputs["feature_scores"].try_extract_array::<f32>()?.into_dimensionality::<Ix2>().map_err(shape)?.to_owned();
+        Ok(Scores { score, feature_scores })
     }
 }

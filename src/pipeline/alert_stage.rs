@@ -11,8 +11,11 @@ use tracing::{error, info};
 
 use super::commit::Pending;
 use super::Scored;
+use ndarray::s;
+
 use crate::alert::{AlertState, Event, Observation, Tracker};
 use crate::config::AlertRules;
+use crate::model::as_windows;
 use crate::sink::kafka::{KafkaOutput, KafkaSinks};
 use crate::sink::JsonLines;
 use crate::telemetry::metrics::Metrics;
@@ -87,6 +90,7 @@ impl AlertStage {
         }
         let rules = self.rules.borrow().clone();
         let (w, f) = batch.model.dims();
+        let windows = as_windows(&batch.windows, w, f);
         let threshold = batch.model.threshold;
         let model = &batch.model.model.meta;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
@@ -115,7 +119,6 @@ impl AlertStage {
                     }
                 }
             }
-            let window = &batch.windows[i * w * f..(i + 1) * w * f];
             let obs = Observation {
                 series: &meta.series,
                 window_start_ts: meta.start_ts,
@@ -123,8 +126,8 @@ impl AlertStage {
                 score,
                 threshold,
                 feature_names: &model.features,
-                feature_scores: &scores.feature_scores[i * f..(i + 1) * f],
-                latest: &window[(w - 1) * f..],
+                feature_scores: scores.feature_scores.row(i).to_slice().expect("rows of a standard-layout array are contiguous"),
+                latest: windows.slice(s![i, w - 1, ..]).to_slice().expect("a window's rows are contiguous"),
             };
             if let Some(event) = self.tracker.observe_with(&obs, &rules.policy_for(&meta.series)) {
                 self.emit(event, &model.name, out).await;

@@ -6,7 +6,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::{InFlight, Scored, ToScoring};
-use crate::model::{Scorer, Scores};
+use crate::model::{as_windows, Scorer, Scores};
 use crate::telemetry::metrics::Metrics;
 
 /// Runs batches on the scorer pool (blocking threads), as many at once as there are scorers. A
@@ -48,7 +48,8 @@ pub async fn dispatch(
             let n = batch.meta.len();
             let (scorer, batch, scores, took) = tokio::task::spawn_blocking(move || {
                 let started = Instant::now();
-                let scores = scorer.score(&batch.windows, n).map_err(|e| e.to_string());
+                let (w, f) = batch.model.dims();
+                let scores = scorer.score(as_windows(&batch.windows, w, f)).map_err(|e| e.to_string());
                 (scorer, batch, scores, started.elapsed())
             })
             .await
