@@ -39,6 +39,9 @@
 //! `Resolved` is an event kind, never a resting state. Resolving clears the hit history: the
 //! hits that made the last alert must not count toward the next one, or a series would re-fire
 //! on its first new hit.
+//!
+//! Over half of this file is its unit tests, kept inline (STYLE.md): the policy's edge cases
+//! (N of M on reload, cooldown with NaN times, out-of-range policies) are its specification.
 
 use std::collections::HashMap;
 
