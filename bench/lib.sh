@@ -67,7 +67,7 @@ timestamp_field = "ts"
 timestamp_format = "unix_s"
 [windows]
 stride = $stride
-[alerts]
+[output]
 sink = "file"
 path = "$work/alerts.jsonl"
 [admin]

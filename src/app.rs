@@ -161,7 +161,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         metrics: metrics.clone(),
         committer: committer_tx,
         rules: rules_rx,
-        tracker: Tracker::new(cfg.alerting.clone()),
+        tracker: Tracker::new(cfg.alert_policy.clone()),
         sink: open_sink(&cfg, metrics.clone())?,
         scores: open_scores(&cfg, metrics.clone())?,
         sinks: sinks.clone(),

@@ -93,7 +93,7 @@ impl Reloader {
             ("windows", old.windows == new.windows),
             ("scoring", old.scoring == new.scoring),
             ("admin", old.admin == new.admin),
-            ("alerts", old.alerts == new.alerts),
+            ("output", old.output == new.output),
             ("kafka", old.kafka == new.kafka),
             ("shutdown", old.shutdown == new.shutdown),
         ] {

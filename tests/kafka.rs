@@ -220,7 +220,7 @@ fn produced_records_are_scored_alerted_and_committed() {
         &group,
         &header,
         "",
-        "series_name = \"pump\"\n[alerts]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"",
+        "series_name = \"pump\"\n[output]\nsink = \"file\"\npath = \"{dir}/alerts.jsonl\"",
     ) + "[kafka.properties]\n\"statistics.interval.ms\" = \"200\"\n";
     let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "138 windows from Kafka");

@@ -376,7 +376,7 @@ dead_letter_topic = "{topic}-dead"
 "statistics.interval.ms" = "1000"
 [admin]
 listen = "127.0.0.1:{{port}}"
-[alerts]
+[output]
 sink = "file"
 path = "{{dir}}/alerts.jsonl"
 "#,
@@ -707,7 +707,7 @@ fn systemd_unit_verifies_and_its_reload_validates_before_signalling() {
     // ExecStartPre and ExecReload as systemd would run them, against a running daemon.
     let records = repo().join("contracts/skab-convae/records.csv");
     let config = format!(
-        "[source]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{{port}}\"\n[alerts]\nsink = \"file\"\npath = \"{{dir}}/alerts.jsonl\"\n",
+        "[source]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{{port}}\"\n[output]\nsink = \"file\"\npath = \"{{dir}}/alerts.jsonl\"\n",
         records.display()
     );
     let d = Daemon::start(&dir, &config);
@@ -720,7 +720,7 @@ fn systemd_unit_verifies_and_its_reload_validates_before_signalling() {
     d.wait_for(|d| d.metric("anomalyd_reloads_total{result=\"ok\"}") == Some(1.0), "the SIGHUP reload");
 
     // A broken file: validation fails the reload command, so no SIGHUP is sent.
-    d.write_config(&format!("{config}[alerting]\nfire_hits = 0\n"));
+    d.write_config(&format!("{config}[alert_policy]\nfire_hits = 0\n"));
     let failed = run_like_systemd(&reload).expect("systemctl reload fails");
     assert_eq!(failed.code(), Some(2));
     // The daemon's own file watch refuses it as well (within its 1 s poll), and keeps running.

@@ -15,7 +15,7 @@ format = "csv"
 csv_delimiter = ";"
 [admin]
 listen = "127.0.0.1:{port}"
-[alerts]
+[output]
 sink = "file"
 path = "{dir}/alerts.jsonl"
 "#;

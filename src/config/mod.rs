@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
+use tracing::warn;
 
 use crate::alert::{Direction, Policy};
 use crate::record::LineFormat;
@@ -39,10 +40,12 @@ pub struct Config {
     pub mapping: MappingConfig,
     pub windows: WindowsConfig,
     pub scoring: ScoringConfig,
-    pub alerting: Policy,
+    /// When a series alerts (`[alert_policy]`; `[alerting]` before, still read with a warning).
+    pub alert_policy: Policy,
     #[serde(default)]
     pub alert_overrides: Vec<AlertOverride>,
-    pub alerts: AlertsConfig,
+    /// Where alert events and scores go as JSON lines (`[output]`; `[alerts]` before, still read).
+    pub output: OutputConfig,
     pub kafka: KafkaConfig,
     pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
@@ -161,7 +164,7 @@ fn match_all() -> String {
     "*".into()
 }
 
-/// The alert policy in force for each series: `[alerting]`, then the first matching
+/// The alert policy in force for each series: `[alert_policy]`, then the first matching
 /// `[[alert_overrides]]` entry. Its globs are compiled once, when the rules are made.
 #[derive(Debug, Clone)]
 pub struct AlertRules {
@@ -274,7 +277,7 @@ pub enum SinkKind {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct AlertsConfig {
+pub struct OutputConfig {
     pub sink: SinkKind,
     pub path: PathBuf,
     /// Every scored window as a JSON line (series, window end, raw and normalised score); "" = off.
@@ -300,10 +303,41 @@ impl ShutdownConfig {
     }
 }
 
+/// Sections renamed for readers, (old, new): `[alerting]` held the policy and `[alerts]` the
+/// outputs, one letter apart. The old names are read as the new ones, with a warning.
+const RENAMED_SECTIONS: [(&str, &str); 2] = [("alerting", "alert_policy"), ("alerts", "output")];
+
+/// The config text with the old section headers renamed (`[alerting]`, `[alerts.x]`, …).
+fn renamed_sections(text: &str, source: &str) -> String {
+    let rename = |line: &str| -> Option<String> {
+        let header = line.trim_start().strip_prefix('[').filter(|h| !h.starts_with('['))?;
+        let name = header.trim_start();
+        RENAMED_SECTIONS.iter().find_map(|(old, new)| {
+            let rest = name.strip_prefix(old).filter(|r| r.trim_start().starts_with([']', '.']))?;
+            warn!(file = source, section = old, now = new, "Deprecated config section name; read as the new one.");
+            Some(format!("[{new}{rest}"))
+        })
+    };
+    text.lines().map(|line| rename(line).unwrap_or_else(|| line.to_string())).collect::<Vec<_>>().join("\n")
+}
+
+/// `ANOMALYD__ALERTING__X` → `ANOMALYD__ALERT_POLICY__X`, and so on, with a warning.
+fn renamed_env_key(key: &str) -> String {
+    for (old, new) in RENAMED_SECTIONS {
+        let prefix = format!("ANOMALYD__{}__", old.to_uppercase());
+        if let Some(rest) = key.strip_prefix(&prefix) {
+            let renamed = format!("ANOMALYD__{}__{rest}", new.to_uppercase());
+            warn!(variable = key, now = %renamed, "Deprecated environment variable; read as the new one.");
+            return renamed;
+        }
+    }
+    key.to_string()
+}
+
 impl Config {
     /// `label_names`: the series fields in force (the mapping's, or the bundle's series columns).
     pub fn alert_rules(&self, label_names: &[String]) -> AlertRules {
-        AlertRules::new(self.alerting.clone(), self.alert_overrides.clone(), label_names.to_vec())
+        AlertRules::new(self.alert_policy.clone(), self.alert_overrides.clone(), label_names.to_vec())
     }
 
     /// Defaults ← file ← environment (`ANOMALYD__SECTION__KEY`), then [`Config::validate`].
@@ -313,13 +347,14 @@ impl Config {
 
     /// As [`Config::load`], with the environment given (tests).
     pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (renamed_env_key(&k), v)).collect();
         let mut builder = config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
         let mut name = "defaults".to_string();
         if let Some(path) = file {
             name = path.display().to_string();
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::Load { source_name: name.clone(), message: format!("cannot read: {e}") })?;
-            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+            builder = builder.add_source(config::File::from_str(&renamed_sections(&text, &name), config::FileFormat::Toml));
         }
         let env: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("ANOMALYD__")).collect();
         if !env.is_empty() {
@@ -395,19 +430,19 @@ impl Config {
         if self.scoring.batch_max_windows == 0 {
             return Err(invalid("scoring.batch_max_windows", "must be >= 1"));
         }
-        self.alerting.validate().map_err(|e| invalid("alerting", e))?;
+        self.alert_policy.validate().map_err(|e| invalid("alert_policy", e))?;
         for (i, o) in self.alert_overrides.iter().enumerate() {
             for (key, pattern) in
                 std::iter::once(("series".to_string(), &o.series)).chain(o.labels.iter().map(|(k, v)| (format!("labels.{k}"), v)))
             {
                 glob(pattern).map_err(|e| invalid(&format!("alert_overrides[{i}].{key}"), e.kind().to_string()))?;
             }
-            let mut p = self.alerting.clone();
+            let mut p = self.alert_policy.clone();
             o.apply(&mut p);
             p.validate().map_err(|e| invalid(&format!("alert_overrides[{i}] (series = {:?})", o.series), e))?;
         }
-        if self.alerts.sink == SinkKind::File && self.alerts.path.as_os_str().is_empty() {
-            return Err(invalid("alerts.path", "is empty but alerts.sink is \"file\""));
+        if self.output.sink == SinkKind::File && self.output.path.as_os_str().is_empty() {
+            return Err(invalid("output.path", "is empty but output.sink is \"file\""));
         }
         if self.shutdown.drain_timeout_ms == 0 {
             return Err(invalid("shutdown.drain_timeout_ms", "must be > 0"));
@@ -433,7 +468,7 @@ mod tests {
     fn embedded_default_deserialises_and_validates() {
         let cfg = Config::load_with_env(None, []).unwrap();
         assert_eq!(cfg.scoring.workers, 2);
-        assert_eq!(cfg.alerting, Policy::default());
+        assert_eq!(cfg.alert_policy, Policy::default());
     }
 
     #[test]
@@ -449,8 +484,8 @@ mod tests {
         assert!(e.contains("workerz"), "{e}");
         let e = load("[scoring]\nworkers = \"many\"\n", &[]).unwrap_err().to_string();
         assert!(e.contains("workers"), "{e}");
-        let e = load("[alerting]\nfire_hits = 5\nfire_windows = 3\n", &[]).unwrap_err().to_string();
-        assert!(e.starts_with("alerting:") && e.contains("fire_hits"), "{e}");
+        let e = load("[alert_policy]\nfire_hits = 5\nfire_windows = 3\n", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("alert_policy:") && e.contains("fire_hits"), "{e}");
         let e = load("[[alert_overrides]]\nseries = \"db-*\"\nresolve_after = 0\n", &[]).unwrap_err().to_string();
         assert!(e.contains("alert_overrides[0]"), "{e}");
     }
@@ -471,5 +506,19 @@ mod tests {
         assert_eq!((rules.policy_for("abc").fire_hits, rules.policy_for("abbc").fire_hits), (2, 1), "? is one character");
         let e = load("[[alert_overrides]]\nlabels = { dc = \"eu-[\" }\nfire_hits = 2\nfire_windows = 3\n", &[]).unwrap_err().to_string();
         assert!(e.starts_with("alert_overrides[0].labels.dc:") && e.contains("unclosed character class"), "{e}");
+    }
+
+    #[test]
+    fn the_old_section_names_still_read_as_the_new_ones() {
+        let cfg = load("[alerting]\nfire_hits = 2\nfire_windows = 3\n[alerts]\nsink = \"file\"\npath = \"/tmp/a.jsonl\"\n", &[]).unwrap();
+        assert_eq!((cfg.alert_policy.fire_hits, cfg.output.sink, cfg.output.path.to_str()), (2, SinkKind::File, Some("/tmp/a.jsonl")));
+        let cfg = load("", &[("ANOMALYD__ALERTING__RESOLVE_AFTER", "7"), ("ANOMALYD__ALERTS__SCORES_PATH", "/tmp/s")]).unwrap();
+        assert_eq!((cfg.alert_policy.resolve_after, cfg.output.scores_path.to_str()), (7, Some("/tmp/s")));
+        // Only section headers: a key or a table that merely starts with the old name is left alone.
+        assert_eq!(
+            renamed_sections("[alerts_extra]\n[[alert_overrides]]\nalerts = 1", "f"),
+            "[alerts_extra]\n[[alert_overrides]]\nalerts = 1"
+        );
+        assert_eq!(renamed_sections("  [ alerting ]  # policy", "f"), "[alert_policy ]  # policy");
     }
 }

@@ -28,9 +28,9 @@ pub struct AlertStage {
     /// Alert policy and per-series overrides, swapped by a reload.
     pub rules: watch::Receiver<AlertRules>,
     pub tracker: Tracker,
-    /// Alert events (`alerts.sink`).
+    /// Alert events (`output.sink`).
     pub sink: JsonLines,
-    /// `alerts.scores_path`: every scored window.
+    /// `output.scores_path`: every scored window.
     pub scores: Option<JsonLines>,
     /// Kafka outputs, for scores and alert events.
     pub sinks: Option<KafkaSinks>,
@@ -141,7 +141,7 @@ impl AlertStage {
             }
             m.forget_series(series);
         }
-        m.alerts_firing.set(self.tracker.firing() as i64);
+        m.set_firing_series(self.tracker.firing());
         self.flush();
     }
 

@@ -53,21 +53,21 @@ fn append(path: &std::path::Path, key: &str) -> Result<Box<dyn Write + Send>> {
     Ok(Box::new(std::io::BufWriter::new(file)))
 }
 
-/// Alert events: stdout, or `alerts.path`.
+/// Alert events: stdout, or `output.path`.
 pub fn open_sink(cfg: &Config, metrics: Arc<Metrics>) -> Result<JsonLines> {
-    let out: Box<dyn Write + Send> = match cfg.alerts.sink {
+    let out: Box<dyn Write + Send> = match cfg.output.sink {
         SinkKind::Stdout => Box::new(std::io::stdout()),
-        SinkKind::File => append(&cfg.alerts.path, "alerts.path")?,
+        SinkKind::File => append(&cfg.output.path, "output.path")?,
     };
     Ok(JsonLines { out, kind: "sink", metrics, errors: LogEvery::default() })
 }
 
-/// Every window's score, when `alerts.scores_path` is set.
+/// Every window's score, when `output.scores_path` is set.
 pub fn open_scores(cfg: &Config, metrics: Arc<Metrics>) -> Result<Option<JsonLines>> {
-    if cfg.alerts.scores_path.as_os_str().is_empty() {
+    if cfg.output.scores_path.as_os_str().is_empty() {
         return Ok(None);
     }
-    let out = append(&cfg.alerts.scores_path, "alerts.scores_path")?;
+    let out = append(&cfg.output.scores_path, "output.scores_path")?;
     Ok(Some(JsonLines { out, kind: "scores_sink", metrics, errors: LogEvery::default() }))
 }
 

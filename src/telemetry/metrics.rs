@@ -56,7 +56,10 @@ pub struct Metrics {
     pub windows_scored: IntCounter,
     pub anomalous_windows: IntCounter,
     pub alerts: IntCounterVec,
-    pub alerts_firing: IntGauge,
+    /// Series whose alert fires now; `firing_series_deprecated` is the same under its old name
+    /// `anomalyd_alerts_firing`, one letter from the per-series `anomalyd_alert_firing`.
+    firing_series: IntGauge,
+    firing_series_deprecated: IntGauge,
     pub errors: IntCounterVec,
     pub inference_duration: Histogram,
     pub inference_batch: Histogram,
@@ -112,6 +115,12 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 impl Metrics {
+    /// How many series' alerts fire now (under both names while the old one is deprecated).
+    pub fn set_firing_series(&self, n: usize) {
+        self.firing_series.set(n as i64);
+        self.firing_series_deprecated.set(n as i64);
+    }
+
     pub fn new(max_series_metrics: usize) -> Metrics {
         let r = Registry::new();
         let anomaly_score = GaugeVec::new(
@@ -161,7 +170,12 @@ impl Metrics {
             windows_scored: counter(&r, "anomalyd_windows_scored_total", "Windows scored by the model."),
             anomalous_windows: counter(&r, "anomalyd_anomalous_windows_total", "Scored windows with anomaly_score > 1."),
             alerts: counter_vec(&r, "anomalyd_alerts_total", "Alert events, by state (firing, resolved).", &["state"]),
-            alerts_firing: gauge(&r, "anomalyd_alerts_firing", "Series whose alert is firing now (all series, not capped)."),
+            firing_series: gauge(&r, "anomalyd_firing_series", "Series whose alert is firing now (all series, not capped)."),
+            firing_series_deprecated: gauge(
+                &r,
+                "anomalyd_alerts_firing",
+                "Deprecated: the same as anomalyd_firing_series, which replaces it (docs/operations.md).",
+            ),
             errors: counter_vec(&r, "anomalyd_errors_total", "Errors, by stage and type.", &["stage", "error_type"]),
             inference_duration: histogram(
                 &r,

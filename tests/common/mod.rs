@@ -200,7 +200,7 @@ csv_delimiter = ";"
 batch_max_wait_ms = 1
 [admin]
 listen = "127.0.0.1:{{port}}"
-[alerts]
+[output]
 sink = "file"
 path = "{{dir}}/alerts.jsonl"
 "#
