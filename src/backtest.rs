@@ -142,6 +142,9 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         _ => InputFormat::Ndjson,
     });
     let delimiter = args.delimiter.unwrap_or(input.delimiter);
+    if !delimiter.is_ascii() {
+        bail!("CSV delimiter {delimiter:?} is not one ASCII character (--delimiter, or the bundle's training csv_delimiter)");
+    }
     let mut line_no = 0u64;
     let header = match (format, &args.columns, &input.header) {
         (InputFormat::Csv, Some(c), _) | (InputFormat::Csv, None, Some(c)) => Some(c.clone()),

@@ -9,6 +9,16 @@ fn records() -> Vec<String> {
     std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap().lines().map(String::from).collect()
 }
 
+/// The default SKAB bundle copied into `dir/bundle`, for a test to change under the daemon.
+fn copy_of_skab_bundle(dir: &std::path::Path) -> std::path::PathBuf {
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for f in ["model.json", "model.onnx"] {
+        std::fs::copy(repo().join("models/skab-convae").join(f), bundle.join(f)).unwrap();
+    }
+    bundle
+}
+
 fn scored(d: &Daemon) -> f64 {
     d.metric("anomalyd_windows_scored_total").unwrap_or(0.0)
 }
@@ -41,11 +51,7 @@ fn a_threshold_change_applies_to_the_next_window_and_keeps_windows() {
 #[test]
 fn a_broken_bundle_is_refused_and_the_old_model_keeps_scoring() {
     let dir = temp_dir("reload-broken");
-    let bundle = dir.join("bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    for f in ["model.json", "model.onnx"] {
-        std::fs::copy(repo().join("models/skab-convae").join(f), bundle.join(f)).unwrap();
-    }
+    let bundle = copy_of_skab_bundle(&dir);
     let mut d = Daemon::start_piped(&dir, &stdin_config(bundle.to_str().unwrap(), 0.0));
     let info = d.metrics().lines().find(|l| l.starts_with("anomalyd_model_info")).unwrap().to_string();
     let lines = records();
@@ -71,11 +77,7 @@ fn a_broken_bundle_is_refused_and_the_old_model_keeps_scoring() {
 #[test]
 fn a_new_bundle_brings_its_own_gap_and_nan_policy() {
     let dir = temp_dir("reload-gap");
-    let bundle = dir.join("bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    for f in ["model.json", "model.onnx"] {
-        std::fs::copy(repo().join("models/skab-convae").join(f), bundle.join(f)).unwrap();
-    }
+    let bundle = copy_of_skab_bundle(&dir);
     let mut d = Daemon::start_piped(&dir, &stdin_config(bundle.to_str().unwrap(), 0.0));
     // The records hold a 30 s gap (after 70 rows 1 s apart): the bundle's max_gap_secs of 10
     // restarts the window there. A new bundle that allows 1000 s must not.

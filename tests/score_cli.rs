@@ -88,3 +88,11 @@ fn a_missing_library_is_a_clear_start_up_error() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("ONNX Runtime 1.32.0 not found") && stderr.contains("/nonexistent/"), "{stderr}");
 }
+
+#[test]
+fn a_delimiter_csv_core_cannot_split_on_is_an_error_not_a_panic() {
+    let records = repo().join("contracts/skab-convae/records.csv");
+    let run = score(&["--model", "models/skab-convae", "--input", records.to_str().unwrap(), "--delimiter", "§"]);
+    assert_eq!(run.status.code(), Some(2), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("is not one ASCII character"));
+}

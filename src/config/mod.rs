@@ -409,8 +409,8 @@ impl Config {
                 return Err(invalid("kafka.series_from_key", "conflicts with mapping.series_fields: choose one"));
             }
         }
-        if self.source.csv_delimiter.chars().count() != 1 {
-            return Err(invalid("source.csv_delimiter", "must be exactly one character"));
+        if self.source.csv_delimiter.len() != 1 || !self.source.csv_delimiter.is_ascii() {
+            return Err(invalid("source.csv_delimiter", "must be exactly one ASCII character"));
         }
         if !(self.source.replay_rate_per_sec.is_finite() && self.source.replay_rate_per_sec >= 0.0) {
             return Err(invalid("source.replay_rate_per_sec", "must be >= 0"));
@@ -506,6 +506,12 @@ mod tests {
         assert_eq!((rules.policy_for("abc").fire_hits, rules.policy_for("abbc").fire_hits), (2, 1), "? is one character");
         let e = load("[[alert_overrides]]\nlabels = { dc = \"eu-[\" }\nfire_hits = 2\nfire_windows = 3\n", &[]).unwrap_err().to_string();
         assert!(e.starts_with("alert_overrides[0].labels.dc:") && e.contains("unclosed character class"), "{e}");
+    }
+
+    #[test]
+    fn a_non_ascii_csv_delimiter_is_refused() {
+        let e = load("[source]\ncsv_delimiter = \"§\"\n", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("source.csv_delimiter:") && e.contains("ASCII"), "{e}");
     }
 
     #[test]
