@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rdkafka::producer::DeliveryFuture;
+use tokio::sync::Notify;
 
 use crate::model::lifecycle::ModelInUse;
 use crate::model::{Scorer, Scores};
@@ -59,20 +60,30 @@ pub enum ToScoring {
 /// Batches sent to scoring whose inference has not finished. While fewer are in flight than
 /// there are scorers, one sits idle: the window stage then sends what it has rather than wait
 /// for a full batch, so a quiet stream is scored at once and a busy one still in full batches.
+/// A finished batch wakes a window stage that holds a partial batch for want of an idle scorer.
 #[derive(Clone, Default)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight {
+    count: Arc<AtomicUsize>,
+    freed: Arc<Notify>,
+}
 
 impl InFlight {
     fn sent(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     fn done(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        // One stored permit: a scorer freed before the window stage waits still wakes it.
+        self.freed.notify_one();
     }
 
     fn below(&self, scorers: usize) -> bool {
-        self.0.load(Ordering::Relaxed) < scorers
+        self.count.load(Ordering::Relaxed) < scorers
+    }
+
+    fn freed(&self) -> Arc<Notify> {
+        self.freed.clone()
     }
 }
 

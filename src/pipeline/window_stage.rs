@@ -323,6 +323,8 @@ impl WindowStage {
         loop {
             // Biased: a reload is applied before more input, and a due batch before new lines.
             let deadline = self.deadline;
+            let freed = self.in_flight.freed();
+            let waits_for_scorer = self.flush_when_idle && !self.batch.meta.is_empty();
             let input = tokio::select! {
                 biased;
                 Some(swap) = swaps.recv() => {
@@ -334,6 +336,10 @@ impl WindowStage {
                     continue;
                 }
                 input = rx.recv() => input,
+                _ = freed.notified(), if waits_for_scorer => {
+                    if rx.is_empty() && self.in_flight.below(self.scorers) && !self.flush(&tx).await { return; }
+                    continue;
+                }
             };
             let Some(inputs) = input else { break };
             for input in inputs {
