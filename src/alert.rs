@@ -218,6 +218,26 @@ pub enum Event {
     Resolved(Alert),
 }
 
+impl Event {
+    /// "firing" or "resolved", and the alert.
+    pub fn parts(&self) -> (&'static str, &Alert) {
+        match self {
+            Event::Fired(a) => ("firing", a),
+            Event::Resolved(a) => ("resolved", a),
+        }
+    }
+
+    /// The alert event line of the daemon's outputs and `anomalyd score --alerts`: the alert's
+    /// fields, `event` and `model`.
+    pub fn to_json(&self, model: &str) -> serde_json::Value {
+        let (kind, alert) = self.parts();
+        let mut line = serde_json::to_value(alert).expect("alerts serialise");
+        line["event"] = kind.into();
+        line["model"] = model.into();
+        line
+    }
+}
+
 /// Per-series state. Ok and Pending are one phase here: which one a series is in depends on the
 /// current policy's M, so deriving it lets a reload re-read the history without a pass over all
 /// series.

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::admin::{self, AdminState};
 use crate::alert::Tracker;
 use crate::config::{Config, RecordFormat, SourceKind};
+use crate::judge::Judge;
 use crate::mapping::field_map;
 use crate::model::lifecycle::{build_scorers, publish_model, ModelInUse};
 use crate::model::Model;
@@ -40,6 +41,7 @@ use crate::source::kafka::Topics;
 use crate::source::lines::read_source;
 use crate::source::LINE_QUEUE;
 use crate::telemetry::metrics::Metrics;
+use crate::threshold::Thresholds;
 use crate::window::{WindowSpec, Windower};
 
 /// Handled batches whose outputs are still being delivered, at most.
@@ -161,10 +163,16 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         metrics: metrics.clone(),
         committer: committer_tx,
         rules: rules_rx,
-        tracker: Tracker::new(cfg.alert_policy.clone()),
+        judge: Judge {
+            thresholds: Thresholds::new(cfg.thresholds.clone(), in_use.threshold_start()),
+            tracker: Tracker::new(cfg.alert_policy.clone()),
+        },
+        state_dir: Some(cfg.thresholds.state_dir.clone()).filter(|d| !d.as_os_str().is_empty()),
+        model: in_use.clone(),
         sink: open_sink(&cfg, metrics.clone())?,
         scores: open_scores(&cfg, metrics.clone())?,
         sinks: sinks.clone(),
+        save_errors: Default::default(),
     };
 
     let (line_tx, line_rx) = mpsc::channel(LINE_QUEUE);

@@ -1,8 +1,11 @@
 //! `anomalyd score`: offline scoring of a CSV or NDJSON file, for backtests and threshold tuning.
 //!
-//! Same parser, windows and ONNX scoring as the daemon; every window (stride 1 unless told
-//! otherwise) becomes one output row: series, end time, raw score, anomaly_score (1.0 = the
-//! threshold) and the top contributing features. Bad records are counted by reason and skipped.
+//! Same parser, windows, ONNX scoring, per-series thresholds and alert policy as the daemon
+//! (`--config`: its `[thresholds]`, `[alert_policy]`, `[[alert_overrides]]`, `model.threshold`);
+//! every window (stride 1 unless told otherwise) becomes one output row: series, end time, raw
+//! score, the series' threshold, anomaly_score (1.0 = that threshold) and the top contributing
+//! features; `--alerts` also writes the alert events the daemon would have raised. Bad records
+//! are counted by reason and skipped.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -11,15 +14,20 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::alert::{ranked_features, TOP_FEATURES};
+use ndarray::s;
+
+use crate::alert::{ranked_features, Observation, Tracker, TOP_FEATURES};
+use crate::config::Config;
+use crate::judge::Judge;
+use crate::model::lifecycle::ModelInUse;
 use crate::model::{as_windows, Model, Scorer};
 use crate::preprocess::Preprocessor;
 use crate::record::{CsvParser, FieldMap, LineFormat, LineParser, TimeFormat};
+use crate::threshold::Thresholds;
 use crate::window::{Outcome, WindowSpec, Windower};
 
 /// Windows per ONNX Runtime call.
 const BATCH: usize = 256;
-/// Feature names listed per window in the output.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum InputFormat {
@@ -60,6 +68,13 @@ pub struct ScoreArgs {
     /// Score every S-th window of a segment.
     #[arg(long, default_value_t = 1)]
     pub stride: usize,
+    /// Config file whose thresholds, alert policy and overrides apply, as in the daemon (default:
+    /// the built-in defaults; ANOMALYD__ variables apply too).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Also write the alert events the policy raises, as JSON lines (the daemon's alert events).
+    #[arg(long)]
+    pub alerts: Option<PathBuf>,
     /// ONNX Runtime library (default: see docs; ORT_DYLIB_PATH).
     #[arg(long)]
     pub onnxruntime: Option<PathBuf>,
@@ -88,33 +103,38 @@ struct ScoreWriter {
     out: Box<dyn Write>,
     format: OutputFormat,
     names: Vec<String>,
-    threshold: f64,
 }
 
 impl ScoreWriter {
     fn header(&mut self) -> Result<()> {
         if self.format == OutputFormat::Csv {
-            writeln!(self.out, "series,end_ts,score,anomaly_score,top_features")?;
+            writeln!(self.out, "series,end_ts,score,threshold,anomaly_score,top_features")?;
         }
         Ok(())
     }
 
-    fn write(&mut self, series: &str, end_ts: f64, score: f32, feature_scores: &[f32]) -> Result<()> {
+    fn write(&mut self, series: &str, end_ts: f64, score: f32, threshold: f64, feature_scores: &[f32]) -> Result<()> {
         let top: Vec<&str> = ranked_features(feature_scores, TOP_FEATURES).into_iter().map(|j| self.names[j].as_str()).collect();
-        let anomaly = score as f64 / self.threshold;
+        let anomaly = score as f64 / threshold;
         match self.format {
             OutputFormat::Csv => {
                 let quoted = |s: &str| if s.contains([',', '"']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
-                writeln!(self.out, "{},{end_ts},{score},{anomaly},{}", quoted(series), quoted(&top.join("|")))?
+                writeln!(self.out, "{},{end_ts},{score},{threshold},{anomaly},{}", quoted(series), quoted(&top.join("|")))?
             }
             OutputFormat::Ndjson => writeln!(
                 self.out,
                 "{}",
-                serde_json::json!({"series": series, "end_ts": end_ts, "score": score, "anomaly_score": anomaly, "top_features": top})
+                serde_json::json!({"series": series, "end_ts": end_ts, "score": score, "threshold": threshold,
+                    "anomaly_score": anomaly, "top_features": top})
             )?,
         }
         Ok(())
     }
+}
+
+/// Where the alert events go (`--alerts`).
+fn create(path: &Path) -> Result<Box<dyn Write>> {
+    Ok(Box::new(std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?)))
 }
 
 /// Runs the whole file; returns the number of windows scored.
@@ -122,6 +142,7 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     if args.stride == 0 {
         bail!("--stride must be >= 1");
     }
+    let cfg = Config::load(args.config.as_deref())?;
     let model = Model::load(&args.model)?;
     let env = crate::onnxruntime::init(args.onnxruntime.as_deref())?;
     let mut scorer = Scorer::new(&env, &model).map_err(|e| anyhow::anyhow!("{}: {e}", model.onnx_path.display()))?;
@@ -163,28 +184,49 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
 
     let sink: Box<dyn Write> = match &args.output {
-        Some(path) => {
-            Box::new(std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?))
-        }
+        Some(path) => create(path)?,
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let mut out = ScoreWriter { out: sink, format: args.output_format, names, threshold: model.threshold() };
+    let mut alerts = args.alerts.as_deref().map(create).transpose()?;
+    let mut out = ScoreWriter { out: sink, format: args.output_format, names: names.clone() };
     out.header()?;
+    let rules = cfg.alert_rules(&model.meta.preprocess.series_columns);
+    let in_use = ModelInUse::new(model.clone(), cfg.model.threshold);
+    let mut judge = Judge {
+        thresholds: Thresholds::new(cfg.thresholds.clone(), in_use.threshold_start()),
+        tracker: Tracker::new(cfg.alert_policy.clone()),
+    };
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
     bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {per_sec} eta {eta} {msg}")?);
 
     let mut batch: Vec<f32> = Vec::with_capacity(BATCH * w * f);
-    let mut pending: Vec<(String, f64)> = Vec::with_capacity(BATCH);
+    let mut pending: Vec<(String, f64, f64)> = Vec::with_capacity(BATCH);
     let mut skipped: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut windows = 0u64;
-    let mut flush = |batch: &mut Vec<f32>, pending: &mut Vec<(String, f64)>, out: &mut ScoreWriter| -> Result<()> {
+    let mut flush = |batch: &mut Vec<f32>, pending: &mut Vec<(String, f64, f64)>, out: &mut ScoreWriter| -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
-        let scores = scorer.score(as_windows(batch, w, f)).map_err(|e| anyhow::anyhow!("inference: {e}"))?;
-        for (i, (series, end_ts)) in pending.iter().enumerate() {
+        let view = as_windows(batch, w, f);
+        let scores = scorer.score(view).map_err(|e| anyhow::anyhow!("inference: {e}"))?;
+        for (i, (series, start_ts, end_ts)) in pending.iter().enumerate() {
             let contributions = scores.feature_scores.row(i);
-            out.write(series, *end_ts, scores.score[i], contributions.as_slice().expect("rows are contiguous"))?;
+            let contributions = contributions.as_slice().expect("rows are contiguous");
+            let obs = Observation {
+                series,
+                window_start_ts: *start_ts,
+                window_end_ts: *end_ts,
+                score: f64::from(scores.score[i]),
+                threshold: f64::NAN,
+                feature_names: &names,
+                feature_scores: contributions,
+                latest: view.slice(s![i, w - 1, ..]).to_slice().expect("a window's rows are contiguous"),
+            };
+            let judged = judge.window(&rules, obs);
+            out.write(series, *end_ts, scores.score[i], judged.threshold, contributions)?;
+            if let (Some(alerts), Some(event)) = (&mut alerts, judged.event) {
+                writeln!(alerts, "{}", event.to_json(&model.meta.name))?;
+            }
         }
         windows += pending.len() as u64;
         batch.clear();
@@ -208,7 +250,7 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
             }
         };
         match windower.push(&record, &mut batch).outcome {
-            Outcome::Window { end_ts, .. } => pending.push((record.series.clone(), end_ts)),
+            Outcome::Window { start_ts, end_ts } => pending.push((record.series.clone(), start_ts, end_ts)),
             Outcome::Dropped(reason) => *skipped.entry(reason.reason()).or_default() += 1,
             Outcome::Buffered => {}
         }
@@ -218,6 +260,9 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     }
     flush(&mut batch, &mut pending, &mut out)?;
     out.out.flush()?;
+    if let Some(alerts) = &mut alerts {
+        alerts.flush()?;
+    }
     bar.finish_and_clear();
     let skipped_text = if skipped.is_empty() { "none".to_string() } else { format!("{skipped:?}") };
     eprintln!("anomalyd score: {line_no} lines, {windows} windows scored, records skipped: {skipped_text}");
@@ -237,12 +282,12 @@ mod tests {
         let path = std::env::temp_dir().join(format!("anomalyd-backtest-{}.csv", std::process::id()));
         let names = ["a", "b", "c", "d"].map(String::from).to_vec();
         let file = std::fs::File::create(&path).unwrap();
-        let mut out = ScoreWriter { out: Box::new(file), format: OutputFormat::Csv, names, threshold: 1.0 };
-        out.write("s", 10.0, 2.0, &[0.1, f32::NAN, 0.5, 0.3]).unwrap();
+        let mut out = ScoreWriter { out: Box::new(file), format: OutputFormat::Csv, names };
+        out.write("s", 10.0, 2.0, 1.0, &[0.1, f32::NAN, 0.5, 0.3]).unwrap();
         out.out.flush().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(text, "s,10,2,2,c|d|a\n");
+        assert_eq!(text, "s,10,2,1,2,c|d|a\n");
         assert_eq!(ranked_features(&[0.1, f32::NAN, 0.5, 0.3], TOP_FEATURES), [2, 3, 0]);
     }
 }

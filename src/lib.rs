@@ -14,6 +14,8 @@
 //! - [`sink`]: where results go (JSON lines, Kafka topics)
 //! - [`model`]: bundles (`model.json` + `model.onnx`), validation, sessions, the model in use
 //! - [`mapping`]: record fields ↔ the model's source fields
+//! - [`judge`]: a scored window → its series' threshold, anomaly_score and alert event (daemon and backtest)
+//! - [`threshold`]: per-series thresholds (static, SPOT, DSPOT), their warm-up and saved state
 //! - [`alert`]: per-series alert policy (N of M to fire, K clean to resolve, cooldown), hot-swappable
 //! - [`window`]: per-series windows (order, gaps, NaN policy, stride) per docs/model-contract.md
 //! - [`preprocess`]: raw field values → scaled feature rows, exactly as the trainer
@@ -32,6 +34,7 @@ pub mod app;
 pub mod backtest;
 pub mod config;
 pub mod flows;
+pub mod judge;
 pub mod mapping;
 pub mod model;
 pub mod onnxruntime;
@@ -43,4 +46,5 @@ pub mod signal;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod threshold;
 pub mod window;

@@ -434,7 +434,7 @@ fn anomalies_and_outages_alert_through_prometheus_and_alertmanager_and_every_pan
     let score: f64 = sent["annotations"]["score"].as_str().unwrap().parse().unwrap();
     assert!(score > 0.0, "{sent}");
     let raw: f64 = sent["annotations"]["raw_threshold"].as_str().unwrap().parse().unwrap();
-    let threshold = daemon.metric("anomalyd_model_threshold").unwrap();
+    let threshold = daemon.metric("anomalyd_series_threshold{series=\"stdin\"}").unwrap();
     assert!((raw - threshold).abs() <= 1e-5 * threshold, "annotation {raw}, daemon {threshold}");
     assert!(sent["annotations"]["summary"].as_str().unwrap().contains("stdin"), "{sent}");
     assert!(hook.alerts("/operators", "AnomalyDetected", "firing").is_empty(), "anomalies have their own route");

@@ -24,14 +24,14 @@ fn scores_every_window_of_the_golden_records_like_the_trainer() {
     assert_eq!(rows.len() as u64, golden["windows_total"].as_u64().unwrap());
     for g in golden["windows"].as_array().unwrap() {
         let row = &rows[g["index"].as_u64().unwrap() as usize];
-        let anomaly: f64 = row[3].parse().unwrap();
+        let anomaly: f64 = row[4].parse().unwrap();
         let expected = g["anomaly_score"].as_f64().unwrap();
         assert!((anomaly - expected).abs() <= 1e-5 * expected.abs().max(1.0), "{row:?} vs {expected}");
     }
     // The level shift in Current and Pressure is what the alerting windows blame.
-    let alerting: Vec<&Vec<&str>> = rows.iter().filter(|r| r[3].parse::<f64>().unwrap() > 1.0).collect();
+    let alerting: Vec<&Vec<&str>> = rows.iter().filter(|r| r[4].parse::<f64>().unwrap() > 1.0).collect();
     assert!(!alerting.is_empty());
-    assert!(alerting.iter().all(|r| r[4].starts_with("Current") || r[4].starts_with("Pressure")), "{alerting:?}");
+    assert!(alerting.iter().all(|r| r[5].starts_with("Current") || r[5].starts_with("Pressure")), "{alerting:?}");
     // 200 records: one repeated timestamp dropped, reported on stderr.
     assert!(String::from_utf8_lossy(&run.stderr).contains("out_of_order"));
 }

@@ -16,6 +16,7 @@ use tracing::warn;
 
 use crate::alert::{Direction, Policy};
 use crate::record::LineFormat;
+use crate::threshold;
 
 /// The reference file is also the embedded default, so the two cannot drift apart.
 pub const DEFAULT_TOML: &str = include_str!("../../config/anomalyd.toml");
@@ -42,6 +43,8 @@ pub struct Config {
     pub scoring: ScoringConfig,
     /// When a series alerts (`[alert_policy]`; `[alerting]` before, still read with a warning).
     pub alert_policy: Policy,
+    /// Per-series thresholds (`[thresholds]`).
+    pub thresholds: threshold::Settings,
     #[serde(default)]
     pub alert_overrides: Vec<AlertOverride>,
     /// Where alert events and scores go as JSON lines (`[output]`; `[alerts]` before, still read).
@@ -158,17 +161,23 @@ pub struct AlertOverride {
     pub fire_windows: Option<u32>,
     pub resolve_after: Option<u32>,
     pub cooldown_secs: Option<f64>,
+    /// `[thresholds] mode` for these series.
+    pub threshold_mode: Option<threshold::Mode>,
+    /// `[thresholds] risk` for these series.
+    pub threshold_risk: Option<f64>,
 }
 
 fn match_all() -> String {
     "*".into()
 }
 
-/// The alert policy in force for each series: `[alert_policy]`, then the first matching
-/// `[[alert_overrides]]` entry. Its globs are compiled once, when the rules are made.
+/// The alert policy and threshold choice in force for each series: `[alert_policy]` and
+/// `[thresholds]`, then the first matching `[[alert_overrides]]` entry. Its globs are compiled
+/// once, when the rules are made.
 #[derive(Debug, Clone)]
 pub struct AlertRules {
     pub base: Policy,
+    pub thresholds: threshold::Settings,
     pub overrides: Vec<AlertOverride>,
     /// Names of the series fields, whose values (joined with `/`) make the series key.
     pub label_names: Vec<String>,
@@ -186,7 +195,8 @@ struct OverrideMatcher {
 impl PartialEq for AlertRules {
     /// The matchers follow from the overrides.
     fn eq(&self, other: &AlertRules) -> bool {
-        (&self.base, &self.overrides, &self.label_names) == (&other.base, &other.overrides, &other.label_names)
+        (&self.base, &self.thresholds, &self.overrides, &self.label_names)
+            == (&other.base, &other.thresholds, &other.overrides, &other.label_names)
     }
 }
 
@@ -196,7 +206,7 @@ fn glob(pattern: &str) -> Result<GlobMatcher, globset::Error> {
 
 impl AlertRules {
     /// `overrides` must have passed [`Config::validate`] (their globs compile).
-    fn new(base: Policy, overrides: Vec<AlertOverride>, label_names: Vec<String>) -> AlertRules {
+    fn new(base: Policy, thresholds: threshold::Settings, overrides: Vec<AlertOverride>, label_names: Vec<String>) -> AlertRules {
         let compiled = |p: &str| glob(p).expect("validated: the override's globs compile");
         let matchers = overrides
             .iter()
@@ -205,20 +215,36 @@ impl AlertRules {
                 OverrideMatcher { series: compiled(&o.series), labels }
             })
             .collect();
-        AlertRules { base, overrides, label_names, matchers }
+        AlertRules { base, thresholds, overrides, label_names, matchers }
     }
 
     pub fn policy_for(&self, series: &str) -> Policy {
+        self.for_series(series).policy
+    }
+
+    /// One glob match for both the policy and the threshold of a series.
+    pub fn for_series(&self, series: &str) -> SeriesRules {
         let values: Vec<&str> = series.splitn(self.label_names.len().max(1), '/').collect();
         let matches = |m: &OverrideMatcher| {
             m.series.is_match(series) && m.labels.iter().all(|(i, g)| i.and_then(|i| values.get(i)).is_some_and(|v| g.is_match(v)))
         };
-        let mut p = self.base.clone();
+        let mut rules = SeriesRules { policy: self.base.clone(), threshold_mode: self.thresholds.mode, threshold_risk: None };
         if let Some(i) = self.matchers.iter().position(matches) {
-            self.overrides[i].apply(&mut p);
+            let o = &self.overrides[i];
+            o.apply(&mut rules.policy);
+            rules.threshold_mode = o.threshold_mode.unwrap_or(rules.threshold_mode);
+            rules.threshold_risk = o.threshold_risk;
         }
-        p
+        rules
     }
+}
+
+/// What [`AlertRules`] say for one series.
+pub struct SeriesRules {
+    pub policy: Policy,
+    pub threshold_mode: threshold::Mode,
+    /// An override's risk; `None`: `[thresholds] risk`, or the bundle's.
+    pub threshold_risk: Option<f64>,
 }
 
 impl AlertOverride {
@@ -337,7 +363,7 @@ fn renamed_env_key(key: &str) -> String {
 impl Config {
     /// `label_names`: the series fields in force (the mapping's, or the bundle's series columns).
     pub fn alert_rules(&self, label_names: &[String]) -> AlertRules {
-        AlertRules::new(self.alert_policy.clone(), self.alert_overrides.clone(), label_names.to_vec())
+        AlertRules::new(self.alert_policy.clone(), self.thresholds.clone(), self.alert_overrides.clone(), label_names.to_vec())
     }
 
     /// Defaults ← file ← environment (`ANOMALYD__SECTION__KEY`), then [`Config::validate`].
@@ -431,6 +457,7 @@ impl Config {
             return Err(invalid("scoring.batch_max_windows", "must be >= 1"));
         }
         self.alert_policy.validate().map_err(|e| invalid("alert_policy", e))?;
+        self.thresholds.validate().map_err(|e| invalid("thresholds", e))?;
         for (i, o) in self.alert_overrides.iter().enumerate() {
             for (key, pattern) in
                 std::iter::once(("series".to_string(), &o.series)).chain(o.labels.iter().map(|(k, v)| (format!("labels.{k}"), v)))
@@ -440,6 +467,9 @@ impl Config {
             let mut p = self.alert_policy.clone();
             o.apply(&mut p);
             p.validate().map_err(|e| invalid(&format!("alert_overrides[{i}] (series = {:?})", o.series), e))?;
+            let mut t = self.thresholds.clone();
+            t.risk = o.threshold_risk.unwrap_or(t.risk);
+            t.validate().map_err(|e| invalid(&format!("alert_overrides[{i}].threshold_risk"), e))?;
         }
         if self.output.sink == SinkKind::File && self.output.path.as_os_str().is_empty() {
             return Err(invalid("output.path", "is empty but output.sink is \"file\""));

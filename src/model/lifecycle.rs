@@ -8,6 +8,7 @@ use anyhow::{anyhow, Result};
 
 use super::{Model, Scorer};
 use crate::telemetry::metrics::Metrics;
+use crate::threshold::ModelThreshold;
 
 /// The model a batch was windowed for and is scored with. Swapped by a reload; every batch
 /// carries its own, so scaling, scoring and threshold always belong together.
@@ -21,6 +22,12 @@ impl ModelInUse {
     pub fn new(model: Model, configured_threshold: f64) -> ModelInUse {
         let threshold = if configured_threshold > 0.0 { configured_threshold } else { model.threshold() };
         ModelInUse { model, threshold }
+    }
+
+    /// The model's side of per-series thresholds: its threshold (after `model.threshold`), the
+    /// bundle's calibration tail and false-alarm rate.
+    pub fn threshold_start(&self) -> ModelThreshold {
+        ModelThreshold::new(self.threshold, self.model.tail_seed(), self.model.meta.thresholds.false_alarm_rate)
     }
 
     /// (W, F) of the windows this model scores.

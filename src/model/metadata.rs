@@ -129,6 +129,19 @@ pub struct ThresholdsMeta {
     pub calibration_windows: Option<u64>,
     #[serde(default)]
     pub source: Option<CalibrationSource>,
+    /// Where a streaming threshold starts from (contract §4); absent in bundles before issue 11.
+    #[serde(default)]
+    pub tail: Option<TailMeta>,
+}
+
+/// The calibration scores' tail: `n` scores, the level `threshold` at quantile `level`, and the
+/// excesses over it (largest first).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TailMeta {
+    pub n: u64,
+    pub level: f64,
+    pub threshold: f64,
+    pub peaks: Vec<f64>,
 }
 
 /// Where the calibration scores came from (contract §4).
@@ -207,7 +220,7 @@ mod tests {
     fn thresholds_say_what_they_rest_on() {
         let t: ThresholdsMeta = serde_json::from_str(
             r#"{"method": "pot", "value": 1.5, "false_alarm_rate": 0.001, "calibration_windows": 307,
-                "source": {"kind": "cross_fit", "folds": 3, "epochs": 12}, "tail": {"n": 307}}"#,
+                "source": {"kind": "cross_fit", "folds": 3, "epochs": 12}, "tail": {"n": 307, "level": 0.98, "threshold": 1.2, "peaks": [0.3, 0.1]}}"#,
         )
         .unwrap();
         assert_eq!(t.describe(), "1.5 (pot, false-alarm rate 0.100%, from 307 windows of 3-fold cross-fitting)");

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::threshold::spot::Seed;
+use crate::threshold::store::Owner;
+
 pub use metadata::{ColumnMeta, ModelKind, ModelMeta, NanPolicy, Transform, WindowTransform};
 pub use session::{as_windows, Scorer, Scores};
 
@@ -73,6 +76,29 @@ impl Model {
 
     pub fn threshold(&self) -> f64 {
         self.meta.thresholds.value
+    }
+
+    /// Where a streaming threshold starts from: the calibration tail (`thresholds.tail`), its
+    /// peaks oldest-first as SPOT keeps them (the bundle lists them largest first, so the
+    /// smallest are the first to leave a full buffer).
+    pub fn tail_seed(&self) -> Option<Seed> {
+        let t = self.meta.thresholds.tail.as_ref().filter(|t| !t.peaks.is_empty())?;
+        Some(Seed { n: t.n, level: t.threshold, peaks: t.peaks.iter().rev().copied().collect() })
+    }
+
+    /// Whose scores these are: threshold state learnt on them is valid only for the same owner
+    /// (network, score kind, input scaling).
+    pub fn score_owner(&self) -> Owner {
+        let m = &self.meta;
+        let columns: Vec<String> =
+            m.preprocess.columns.iter().map(|c| format!("{:?}", (&c.source, c.transform, &c.category, c.mean, c.std))).collect();
+        let digest = Sha256::digest(columns.join("\n").as_bytes());
+        Owner {
+            model: m.name.clone(),
+            onnx_sha256: m.onnx.sha256.clone(),
+            score_kind: m.score_kind.clone(),
+            scaling: format!("{digest:x}")[..16].to_string(),
+        }
     }
 }
 

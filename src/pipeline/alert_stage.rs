@@ -2,23 +2,28 @@
 //! per-series metrics; each batch's Kafka deliveries and offsets then go to the committer.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::producer::DeliveryFuture;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::commit::Pending;
 use super::Scored;
 use ndarray::s;
 
-use crate::alert::{AlertState, Event, Observation, Tracker};
+use crate::alert::{AlertState, Event, Observation};
 use crate::config::AlertRules;
+use crate::judge::{Judge, Judged};
 use crate::model::as_windows;
+use crate::model::lifecycle::ModelInUse;
 use crate::sink::kafka::{KafkaOutput, KafkaSinks};
 use crate::sink::JsonLines;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::LogEvery;
+use crate::threshold::store::{self, Loaded};
 
 /// Built by `app` from its parts; everything it holds is its own until the input closes.
 pub struct AlertStage {
@@ -27,19 +32,29 @@ pub struct AlertStage {
     pub committer: Option<mpsc::Sender<Pending>>,
     /// Alert policy and per-series overrides, swapped by a reload.
     pub rules: watch::Receiver<AlertRules>,
-    pub tracker: Tracker,
+    /// Every series' threshold (`[thresholds]`) and alert state.
+    pub judge: Judge,
+    /// `[thresholds] state_dir`: where the thresholds are restored from at start, and saved to at
+    /// drain and every `save_interval_secs`.
+    pub state_dir: Option<PathBuf>,
+    /// The model the thresholds were learnt for; a batch of another one may reset them.
+    pub model: Arc<ModelInUse>,
     /// Alert events (`output.sink`).
     pub sink: JsonLines,
     /// `output.scores_path`: every scored window.
     pub scores: Option<JsonLines>,
     /// Kafka outputs, for scores and alert events.
     pub sinks: Option<KafkaSinks>,
+    pub save_errors: LogEvery,
 }
 
 impl AlertStage {
     /// Handles batches strictly in sequence order: windows of one series must reach the alert
     /// state machine in event-time order, and batches can finish inference out of order.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Scored>) {
+        self.restore();
+        let mut saved = Instant::now();
+        let interval = Duration::from_secs(self.judge.thresholds.settings().save_interval_secs.max(1));
         let mut next = 0u64;
         let mut waiting: BTreeMap<u64, Scored> = BTreeMap::new();
         while let Some(scored) = rx.recv().await {
@@ -48,11 +63,77 @@ impl AlertStage {
                 self.complete(scored).await;
                 next += 1;
             }
+            if saved.elapsed() >= interval {
+                self.save();
+                saved = Instant::now();
+            }
         }
         for (_, scored) in std::mem::take(&mut waiting) {
             self.complete(scored).await;
         }
         self.flush();
+        self.save();
+    }
+
+    /// Thresholds from the state file, if there is one for this model.
+    fn restore(&mut self) {
+        let Some(dir) = &self.state_dir else { return };
+        let owner = self.model.model.score_owner();
+        let m = &self.metrics;
+        match self.judge.thresholds.load(dir, &owner) {
+            Ok(Loaded::Restored { series, skipped }) => {
+                if skipped > 0 {
+                    m.threshold_resets.with_label_values(&["state_corrupt"]).inc_by(skipped as u64);
+                    warn!(file = %store::path(dir).display(), skipped, "Threshold state lines that do not parse were skipped; those series warm up again.");
+                }
+                info!(file = %store::path(dir).display(), series, "Thresholds restored.");
+            }
+            Ok(Loaded::Missing) => info!(file = %store::path(dir).display(), "No threshold state yet; every series warms up."),
+            Ok(Loaded::Foreign(other)) => {
+                m.threshold_resets.with_label_values(&["state_foreign"]).inc();
+                warn!(file = %store::path(dir).display(), saved_for = %other.model, onnx_sha256 = %other.onnx_sha256,
+                    "Threshold state is for another model or score scale; every series warms up again.");
+            }
+            Err(error) => {
+                m.threshold_resets.with_label_values(&["state_corrupt"]).inc();
+                error!(%error, "Threshold state not usable; every series warms up again.");
+            }
+        }
+        self.update_threshold_gauges();
+    }
+
+    fn save(&mut self) {
+        let Some(dir) = &self.state_dir else { return };
+        match self.judge.thresholds.save(dir, &self.model.model.score_owner()) {
+            Ok(_) => self.metrics.threshold_saves.with_label_values(&["ok"]).inc(),
+            Err(error) => {
+                self.metrics.threshold_saves.with_label_values(&["error"]).inc();
+                if let Some(count) = self.save_errors.tick() {
+                    error!(%error, count, "Cannot save the threshold state.");
+                }
+            }
+        }
+    }
+
+    /// A batch of a reloaded model: its threshold and tail apply; its scores are on another scale
+    /// when its network or input scaling changed, and then every series' threshold starts again.
+    fn follow_model(&mut self, model: &Arc<ModelInUse>) {
+        if Arc::ptr_eq(&self.model, model) {
+            return;
+        }
+        let rescaled = self.model.model.score_owner() != model.model.score_owner();
+        let reset = self.judge.thresholds.set_model(model.threshold_start(), rescaled);
+        if reset > 0 {
+            self.metrics.threshold_resets.with_label_values(&["model_changed"]).inc_by(reset as u64);
+            info!(series = reset, model = %model.model.meta.name, "The new model scores on another scale: every series' threshold warms up again.");
+        }
+        self.model = model.clone();
+    }
+
+    fn update_threshold_gauges(&self) {
+        let (warming, own) = self.judge.thresholds.phases();
+        self.metrics.threshold_series.with_label_values(&["warming"]).set(warming as i64);
+        self.metrics.threshold_series.with_label_values(&["own"]).set(own as i64);
     }
 
     /// Handles a batch, then hands what it produced on Kafka and its offsets to the committer,
@@ -85,20 +166,29 @@ impl AlertStage {
             }
         };
         if self.rules.has_changed().unwrap_or(false) {
-            let base = self.rules.borrow_and_update().base.clone();
-            self.tracker.set_policy(base);
+            self.judge.set_rules(&self.rules.borrow_and_update());
         }
+        self.follow_model(&batch.model);
         let rules = self.rules.borrow().clone();
         let (w, f) = batch.model.dims();
         let windows = as_windows(&batch.windows, w, f);
-        let threshold = batch.model.threshold;
         let model = &batch.model.model.meta;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         for (i, meta) in batch.meta.iter().enumerate() {
             let score = scores.score[i] as f64;
-            let anomaly = score / threshold;
+            let obs = Observation {
+                series: &meta.series,
+                window_start_ts: meta.start_ts,
+                window_end_ts: meta.end_ts,
+                score,
+                threshold: f64::NAN,
+                feature_names: &model.features,
+                feature_scores: scores.feature_scores.row(i).to_slice().expect("rows of a standard-layout array are contiguous"),
+                latest: windows.slice(s![i, w - 1, ..]).to_slice().expect("a window's rows are contiguous"),
+            };
+            let Judged { threshold, anomaly_score, event } = self.judge.window(&rules, obs);
             m.windows_scored.inc();
-            if anomaly > 1.0 {
+            if anomaly_score > 1.0 {
                 m.anomalous_windows.inc();
             }
             m.event_to_score.observe((now - meta.end_ts).max(0.0));
@@ -106,7 +196,7 @@ impl AlertStage {
             if self.scores.is_some() || to_kafka.is_some() {
                 let line = serde_json::json!({
                     "series": meta.series, "window_start_ts": meta.start_ts, "window_end_ts": meta.end_ts,
-                    "score": score, "anomaly_score": anomaly, "model": model.name,
+                    "score": score, "threshold": threshold, "anomaly_score": anomaly_score, "model": model.name,
                 })
                 .to_string();
                 if let Some(scores) = &mut self.scores {
@@ -119,43 +209,29 @@ impl AlertStage {
                     }
                 }
             }
-            let obs = Observation {
-                series: &meta.series,
-                window_start_ts: meta.start_ts,
-                window_end_ts: meta.end_ts,
-                score,
-                threshold,
-                feature_names: &model.features,
-                feature_scores: scores.feature_scores.row(i).to_slice().expect("rows of a standard-layout array are contiguous"),
-                latest: windows.slice(s![i, w - 1, ..]).to_slice().expect("a window's rows are contiguous"),
-            };
-            if let Some(event) = self.tracker.observe_with(&obs, &rules.policy_for(&meta.series)) {
+            if let Some(event) = event {
                 self.emit(event, &model.name, out).await;
             }
-            let firing = self.tracker.state(&meta.series) == AlertState::Firing;
-            m.series_score(&meta.series, anomaly, firing);
+            let firing = self.judge.tracker.state(&meta.series) == AlertState::Firing;
+            m.series_score(&meta.series, anomaly_score, threshold, firing);
         }
         for series in &batch.evicted {
-            if self.tracker.forget(series) {
+            if self.judge.forget(series) {
                 info!(series = %series, "Series dropped (idle, or its partition revoked) while its alert was firing.");
             }
             m.forget_series(series);
         }
-        m.set_firing_series(self.tracker.firing());
+        m.set_firing_series(self.judge.tracker.firing());
+        self.update_threshold_gauges();
         self.flush();
     }
 
     async fn emit(&mut self, event: Event, model: &str, out: &mut Vec<(DeliveryFuture, KafkaOutput)>) {
-        let (kind, alert) = match &event {
-            Event::Fired(a) => ("firing", a),
-            Event::Resolved(a) => ("resolved", a),
-        };
+        let (kind, alert) = event.parts();
         self.metrics.alerts.with_label_values(&[kind]).inc();
         let top = alert.top_features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(",");
         self.metrics.series_alert(&alert.series, matches!(event, Event::Fired(_)).then_some((model, top.as_str())));
-        let mut line = serde_json::to_value(alert).expect("alerts serialise");
-        line["event"] = kind.into();
-        line["model"] = model.into();
+        let line = event.to_json(model);
         info!(series = %alert.series, event = kind, anomaly_score = alert.anomaly_score, "Alert.");
         if let Some(sinks) = &self.sinks {
             match sinks.alert(&alert.series, &line.to_string()).await {

@@ -1,7 +1,7 @@
 //! The only place metric names and label values exist (`anomalyd_<name>_<unit>[_total]`).
 //!
 //! Self-monitoring metrics carry no series labels. The product metrics — per-series
-//! `anomalyd_anomaly_score`, `anomalyd_alert_firing` and, while an alert fires,
+//! `anomalyd_anomaly_score`, `anomalyd_series_threshold`, `anomalyd_alert_firing` and, while an alert fires,
 //! `anomalyd_alert_info` (its model and top features, for Prometheus alert rules) — carry
 //! `series`, for at most `admin.max_series_metrics` series; windows of further series are
 //! counted in `anomalyd_series_metrics_dropped_total` instead of growing the scrape without bound.
@@ -67,8 +67,13 @@ pub struct Metrics {
     pub series_live: IntGauge,
     pub series_warming: IntGauge,
     pub series_evicted: IntCounter,
+    pub threshold_series: IntGaugeVec,
+    pub threshold_resets: IntCounterVec,
+    pub threshold_saves: IntCounterVec,
     pub window_bytes: IntGauge,
     pub anomaly_score: GaugeVec,
+    /// The raw score that is anomaly_score 1.0 for the series now (`[thresholds]`).
+    series_threshold: GaugeVec,
     pub alert_firing: IntGaugeVec,
     /// `{series, model, top_features}` = 1 while the series' alert fires.
     alert_info: IntGaugeVec,
@@ -114,6 +119,12 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric name is valid");
+    r.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
 impl Metrics {
     /// How many series' alerts fire now (under both names while the old one is deprecated).
     pub fn set_firing_series(&self, n: usize) {
@@ -129,6 +140,12 @@ impl Metrics {
         )
         .expect("metric name is valid");
         r.register(Box::new(anomaly_score.clone())).expect("metric registered once");
+        let series_threshold = GaugeVec::new(
+            Opts::new("anomalyd_series_threshold", "Raw score threshold in force per series (anomaly_score 1.0; [thresholds])."),
+            &["series"],
+        )
+        .expect("metric name is valid");
+        r.register(Box::new(series_threshold.clone())).expect("metric registered once");
         let alert_firing =
             IntGaugeVec::new(Opts::new("anomalyd_alert_firing", "1 while an alert is firing for the series, else 0."), &["series"])
                 .expect("metric name is valid");
@@ -203,6 +220,19 @@ impl Metrics {
             series_live: gauge(&r, "anomalyd_series_live", "Series with window state."),
             series_warming: gauge(&r, "anomalyd_series_warming", "Series still filling their first window."),
             series_evicted: counter(&r, "anomalyd_series_evicted_total", "Series dropped after idle_timeout_secs."),
+            threshold_series: gauge_vec(
+                &r,
+                "anomalyd_threshold_series",
+                "Series with threshold state ([thresholds]), by phase (warming: on the model's threshold; own).",
+                &["phase"],
+            ),
+            threshold_resets: counter_vec(
+                &r,
+                "anomalyd_threshold_resets_total",
+                "Series whose threshold state started again, by reason (model_changed, state_foreign, state_corrupt).",
+                &["reason"],
+            ),
+            threshold_saves: counter_vec(&r, "anomalyd_threshold_state_saves_total", "Saves of the threshold state file, by result.", &["result"]),
             window_bytes: gauge(&r, "anomalyd_window_bytes", "Bytes held by window buffers."),
             series_metrics_dropped: counter(
                 &r,
@@ -212,15 +242,12 @@ impl Metrics {
             ready: gauge(&r, "anomalyd_ready", "1 once config, model and source are up."),
             reloads: counter_vec(&r, "anomalyd_reloads_total", "Config and model reloads, by result (ok, error).", &["result"]),
             dead_letters: counter_vec(&r, "anomalyd_dead_letters_total", "Records sent to the dead-letter topic, by reason.", &["reason"]),
-            consumer_lag: {
-                let g = IntGaugeVec::new(
-                    Opts::new("anomalyd_kafka_consumer_lag_messages", "Messages behind the partition's end, from librdkafka statistics."),
-                    &["topic", "partition"],
-                )
-                .expect("metric name is valid");
-                r.register(Box::new(g.clone())).expect("metric registered once");
-                g
-            },
+            consumer_lag: gauge_vec(
+                &r,
+                "anomalyd_kafka_consumer_lag_messages",
+                "Messages behind the partition's end, from librdkafka statistics.",
+                &["topic", "partition"],
+            ),
             assigned_partitions: gauge(&r, "anomalyd_kafka_assigned_partitions", "Kafka partitions assigned to this consumer."),
             rebalances: counter_vec(&r, "anomalyd_kafka_rebalances_total", "Consumer group rebalances, by kind (assign, revoke, error).", &["kind"]),
             commits: counter_vec(&r, "anomalyd_kafka_commits_total", "Offset commits, by result (ok, error).", &["result"]),
@@ -231,6 +258,7 @@ impl Metrics {
                 &["output"],
             ),
             anomaly_score,
+            series_threshold,
             alert_firing,
             alert_info,
             model_info,
@@ -259,6 +287,15 @@ impl Metrics {
         for output in ["dead_letter", "score", "alert"] {
             m.produce_errors.with_label_values(&[output]).reset();
         }
+        for reason in ["model_changed", "state_foreign", "state_corrupt"] {
+            m.threshold_resets.with_label_values(&[reason]).reset();
+        }
+        for result in ["ok", "error"] {
+            m.threshold_saves.with_label_values(&[result]).reset();
+        }
+        for phase in ["warming", "own"] {
+            m.threshold_series.with_label_values(&[phase]).set(0);
+        }
         for kind in ["assign", "revoke", "error"] {
             m.rebalances.with_label_values(&[kind]).reset();
         }
@@ -266,13 +303,14 @@ impl Metrics {
     }
 
     /// Sets the per-series gauges if the series has (or can get) a slot under the cap.
-    pub fn series_score(&self, series: &str, anomaly_score: f64, firing: bool) {
+    pub fn series_score(&self, series: &str, anomaly_score: f64, threshold: f64, firing: bool) {
         let mut exported = self.exported.lock().expect("metrics lock is never poisoned: no panics while held");
         if self.slot(&mut exported, series).is_none() {
             self.series_metrics_dropped.inc();
             return;
         }
         self.anomaly_score.with_label_values(&[series]).set(anomaly_score);
+        self.series_threshold.with_label_values(&[series]).set(threshold);
         self.alert_firing.with_label_values(&[series]).set(firing as i64);
     }
 
@@ -295,6 +333,7 @@ impl Metrics {
         let mut exported = self.exported.lock().expect("metrics lock is never poisoned: no panics while held");
         if let Some(info) = exported.remove(series) {
             let _ = self.anomaly_score.remove_label_values(&[series]);
+            let _ = self.series_threshold.remove_label_values(&[series]);
             let _ = self.alert_firing.remove_label_values(&[series]);
             if let Some([model, top]) = info {
                 let _ = self.alert_info.remove_label_values(&[series, &model, &top]);
@@ -328,15 +367,15 @@ mod tests {
     #[test]
     fn per_series_gauges_stop_at_the_cap_and_free_slots_on_eviction() {
         let m = Metrics::new(2);
-        m.series_score("a", 0.5, false);
-        m.series_score("b", 2.0, true);
-        m.series_score("c", 3.0, true);
+        m.series_score("a", 0.5, 2.0, false);
+        m.series_score("b", 2.0, 2.0, true);
+        m.series_score("c", 3.0, 2.0, true);
         let text = m.render();
         assert!(text.contains("anomalyd_anomaly_score{series=\"b\"} 2"));
         assert!(!text.contains("series=\"c\""));
         assert!(text.contains("anomalyd_series_metrics_dropped_total 1"));
         m.forget_series("a");
-        m.series_score("c", 3.0, true);
+        m.series_score("c", 3.0, 2.0, true);
         assert!(m.render().contains("anomalyd_alert_firing{series=\"c\"} 1"));
     }
 
@@ -345,11 +384,11 @@ mod tests {
         let m = Metrics::new(1);
         let info = |text: &str| text.lines().filter(|l| l.starts_with("anomalyd_alert_info{")).map(String::from).collect::<Vec<_>>();
         m.series_alert("a", Some(("pump", "Current,Pressure")));
-        m.series_score("a", 3.0, true);
+        m.series_score("a", 3.0, 2.0, true);
         assert_eq!(info(&m.render()), ["anomalyd_alert_info{model=\"pump\",series=\"a\",top_features=\"Current,Pressure\"} 1"]);
         // Beyond the cap: no gauge at all for "b", firing or not.
         m.series_alert("b", Some(("pump", "Temperature")));
-        m.series_score("b", 3.0, true);
+        m.series_score("b", 3.0, 2.0, true);
         assert!(!m.render().contains("series=\"b\""));
         // Resolved: gone; fired again with other features: only the new label set.
         m.series_alert("a", None);

@@ -18,7 +18,10 @@ labels it reports on to choose anything: see docs/quality.md for where each choi
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import subprocess
 import tempfile
 import time
 from datetime import date
@@ -93,8 +96,62 @@ def _skab_files(data: Path) -> list[Path]:
     return [p for folder in ("valve1", "valve2", "other") for p in sorted((data / folder).glob("*.csv"))]
 
 
+def _bundle_for(cfg: Config, bundles: Path, log) -> tuple[Bundle, str]:
+    """The file's bundle: trained now, or reused from `bundles` when trained there by the same config."""
+    out = bundles / cfg.export.name
+    stamp = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    if (out / "train-config.json").is_file() and (out / "train-config.json").read_text() == stamp:
+        bundle = Bundle(out)
+        return bundle, f"reused {out}"
+    result = train(cfg, progress=False)
+    write_bundle(result, out)
+    (out / "train-config.json").write_text(stamp)
+    return Bundle(out), f"{result.thresholds.describe()}; {result.seconds:.1f} s"
+
+
+def anomalyd_binary() -> Path:
+    """The daemon's binary for `anomalyd score`: $ANOMALYD_BIN, else the repository's release build."""
+    path = Path(os.environ.get("ANOMALYD_BIN", REPO / "target/release/anomalyd"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no anomalyd binary (cargo build --release, or set ANOMALYD_BIN)")
+    return path
+
+
+def daemon_alarms(bundle: Bundle, path: Path, daemon_config: Path, skip_rows: int, work: Path) -> dict:
+    """`anomalyd score --config daemon_config --alerts` on the file from the first test window's
+    first row: per test window the daemon's threshold, anomaly_score, and whether the series' alert
+    was firing (from its firing event's window up to the window that resolved it)."""
+    w = bundle.meta["window"]["length"]
+    lines = path.read_text().splitlines()
+    sliced = work / path.name
+    sliced.write_text("\n".join([lines[0]] + lines[1 + skip_rows - (w - 1):]) + "\n")
+    scores, alerts = work / f"{path.stem}.scores.ndjson", work / f"{path.stem}.alerts.jsonl"
+    command = [str(anomalyd_binary()), "score", "--quiet", "--model", str(bundle.path), "--input", str(sliced),
+               "--config", str(daemon_config), "--output", str(scores), "--output-format", "ndjson",
+               "--alerts", str(alerts)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"anomalyd score on {path}: {run.stderr.strip()}")
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    end = np.array([r["end_ts"] for r in rows])
+    firing = np.zeros(len(rows), dtype=bool)
+    started = None
+    for event in (json.loads(line) for line in alerts.read_text().splitlines()):
+        if event["event"] == "firing":
+            started = event["window_end_ts"]
+        else:
+            firing |= (end >= started) & (end < event["window_end_ts"])
+            started = None
+    if started is not None:
+        firing |= end >= started
+    return {"anomaly_score": np.array([r["anomaly_score"] for r in rows]), "firing": firing,
+            "threshold": np.array([r["threshold"] for r in rows]), "score": np.array([r["score"] for r in rows])}
+
+
 def skab(config: Path, data: Path, overrides: list[str], folders: tuple[str, ...] = ("valve1", "valve2", "other"),
-         log=print) -> dict:
+         log=print, daemon_configs: tuple[Path, ...] = (), bundles: Path | None = None) -> dict:
+    """`daemon_configs`: also the daemon's own alerts (`anomalyd score` with each config's thresholds and
+    alert policy); `bundles`: keep the trained bundles there and reuse them when the config is unchanged."""
     files = [p for p in _skab_files(data) if p.parent.name in folders]
     started = time.perf_counter()
     per_file: list[tuple[str, Scored]] = []
@@ -104,16 +161,21 @@ def skab(config: Path, data: Path, overrides: list[str], folders: tuple[str, ...
             cfg = load_config(config, overrides)
             cfg.data = dataclasses.replace(cfg.data, paths=[str(path)], head_rows=SKAB_TRAIN_ROWS)
             cfg.export.name = f"skab-{path.parent.name}-{path.stem}"
-            result = train(cfg, progress=False)
-            write_bundle(result, Path(tmp) / cfg.export.name)
-            bundle = Bundle(Path(tmp) / cfg.export.name)
+            bundle, how = _bundle_for(cfg, bundles or Path(tmp), log)
             scored = score_detectors(bundle, [str(path)], skip_rows=SKAB_TRAIN_ROWS)
+            for daemon_config in daemon_configs:
+                d = daemon_alarms(bundle, path, daemon_config, SKAB_TRAIN_ROWS, Path(tmp))
+                if len(d["firing"]) != len(scored.labels):
+                    raise RuntimeError(f"{path}: anomalyd scored {len(d['firing'])} test windows, the trainer "
+                                       f"{len(scored.labels)}")
+                key = f"anomalyd score --config {daemon_config.name}"
+                scored.scores[key] = d["anomaly_score"]
+                scored.alarms[key] = d["firing"]
             per_file.append((f"{path.parent.name}/{path.name}", scored))
             s = scored.scores["model"]
             log(f"{path.parent.name}/{path.name}: {len(s)} test windows, {scored.labels.mean():.0%} anomalous, "
-                f"alarms {np.mean(s > 1):.0%}; {result.thresholds.describe()}; {result.seconds:.1f} s")
-        cost = windows_per_second(Path(tmp) / cfg.export.name / "model.onnx", cfg.window.length,
-                                  len(bundle.preprocessor.columns))
+                f"alarms {np.mean(s > 1):.0%}; {how}")
+        cost = windows_per_second(bundle.path / "model.onnx", cfg.window.length, len(bundle.preprocessor.columns))
     subsets = {}
     for name, wanted in SKAB_SUBSETS.items():
         if set(wanted) <= set(folders):
@@ -133,6 +195,9 @@ def _pooled(scored: list[Scored]) -> dict:
     for key, name in (("model", "conv-AE (anomalyd)"), ("pca", "PCA reconstruction"), ("random", "random")):
         s = np.concatenate([x.scores[key] for x in scored])
         detectors[name] = metrics(y, s, s > 1)
+    for key in scored[0].alarms:
+        s = np.concatenate([x.scores[key] for x in scored])
+        detectors[key] = metrics(y, s, np.concatenate([x.alarms[key] for x in scored]))
     detectors["always anomalous"] = metrics(y, np.ones(len(y)), np.ones(len(y), dtype=bool))
     return {"windows": int(len(y)), "anomalous_share": float(y.mean()), "files": len(scored),
             "unknown_categories": 0, "dropped": {}, "detectors": detectors}

@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (repeatable)")
     b.add_argument("--folders", nargs="+", default=["valve1", "valve2", "other"],
                    help="skab: only these experiment folders")
+    b.add_argument("--daemon", action="append", default=[], metavar="CONFIG.toml",
+                   help="skab: also score each file with `anomalyd score --config CONFIG.toml` and report the "
+                        "alerts of its thresholds and alert policy (repeatable)")
+    b.add_argument("--bundles", metavar="DIR", help="skab: keep the per-file bundles here and reuse them")
     b.add_argument("--write", metavar="DOC", help="replace this benchmark's section of DOC (docs/quality.md)")
     b.add_argument("--json", help="also write the figures here")
     return p
@@ -131,7 +135,9 @@ def run(argv: list[str]) -> int:
         if not data.is_dir():
             raise InputError("dataset folder not found", file=data)
         if args.name == "skab":
-            result = benchmark.skab(config, data, args.set, tuple(args.folders))
+            result = benchmark.skab(config, data, args.set, tuple(args.folders),
+                                    daemon_configs=tuple(Path(c) for c in args.daemon),
+                                    bundles=Path(args.bundles) if args.bundles else None)
         else:
             result = benchmark.nslkdd(config, data, args.set)
         print(benchmark.printable(result))

@@ -14,7 +14,7 @@ detector's threshold comes from its own out-of-sample normal scores (never from 
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -96,6 +96,8 @@ class Scored:
     pca_k: int
     info: dict
     mu: np.ndarray | None = None  # the VAE's latent means of the test windows
+    # Detectors whose alarms are not "score > 1" (the daemon's alert policy): key -> alarms.
+    alarms: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def score_detectors(bundle: Bundle, paths: list[str], label_column: str | None = None, skip_rows: int = 0,

@@ -47,6 +47,36 @@ def test_skab_pools_the_files_of_each_subset_and_rewrites_only_its_section(tmp_p
     assert "| conv-AE (anomalyd) |" in text and "Conv-AE (SKAB leaderboard) | 0.78 | 13.55%" in text
 
 
+@pytest.mark.skipif(not SKAB.exists(), reason="../shared/datasets/skab is absent")
+def test_the_daemons_own_alerts_are_reported_next_to_the_bundles_scores(tmp_path):
+    """`--daemon CONFIG`: `anomalyd score` on the same test windows; in static mode its
+    anomaly_score is the bundle's, and its alarms are the windows its alert policy kept firing."""
+    from anomalyd_trainer import benchmark
+
+    data = tmp_path / "skab"
+    (data / "valve1").mkdir(parents=True)
+    shutil.copy(SKAB / "valve1" / "0.csv", data / "valve1" / "0.csv")
+    static = tmp_path / "static.toml"
+    static.write_text('[thresholds]\nmode = "static"\n[alert_policy]\nfire_hits = 1\nfire_windows = 1\n')
+    spot = tmp_path / "spot.toml"
+    spot.write_text('[thresholds]\nmode = "spot"\nwarmup_windows = 0\n')
+    result = benchmark.skab(benchmark.REPO / "trainer/configs/skab-convae.toml", data, ["train.epochs=2"],
+                            ("valve1",), log=lambda _: None, daemon_configs=(static, spot),
+                            bundles=tmp_path / "bundles")
+    detectors = result["subsets"]["valve1 (selection)"]["detectors"]
+    model, daemon = detectors["conv-AE (anomalyd)"], detectors["anomalyd score --config static.toml"]
+    assert daemon["roc_auc"] == pytest.approx(model["roc_auc"], abs=1e-6)
+    # resolve_after = 3 keeps an alert up for the clean windows before it resolves: never fewer alarms.
+    assert daemon["recall"] >= model["recall"]
+    assert "anomalyd score --config spot.toml" in detectors
+    # The bundles were kept, and a second run reuses them.
+    assert (tmp_path / "bundles" / "skab-valve1-0" / "train-config.json").is_file()
+    lines = []
+    benchmark.skab(benchmark.REPO / "trainer/configs/skab-convae.toml", data, ["train.epochs=2"], ("valve1",),
+                   log=lines.append, bundles=tmp_path / "bundles")
+    assert "reused" in lines[0]
+
+
 @pytest.mark.skipif(not NSLKDD.exists(), reason="../shared/datasets/nsl-kdd is absent")
 def test_nslkdd_reports_the_selection_set_and_kddtest(tmp_path):
     out = tmp_path / "nsl.json"
