@@ -1,12 +1,14 @@
-//! Stage throughput: records parsed, windows assembled, and windows scored by batch size, with
-//! the bundled conv-AE (W = 32, F = 8) on the bundled sample records, and inference also with
-//! the benchmark's conv-AE (W = 64, F = 4) once bench/run has trained it. `cargo bench --bench stages`.
+//! Stage throughput: records parsed, windows assembled, per-series thresholds updated (static,
+//! SPOT, DSPOT) and windows scored by batch size, with the bundled conv-AE (W = 32, F = 8) on the
+//! bundled sample records, and inference also with the benchmark's conv-AE (W = 64, F = 4) once
+//! bench/run has trained it. `cargo bench --bench stages`.
 
 use std::path::PathBuf;
 
 use anomalyd::model::{as_windows, Model, Scorer};
 use anomalyd::preprocess::Preprocessor;
 use anomalyd::record::{CsvParser, FieldMap, RawRecord, TimeFormat};
+use anomalyd::threshold::{Choice, Mode, ModelThreshold, Settings, Thresholds};
 use anomalyd::window::{WindowSpec, Windower};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -63,6 +65,29 @@ fn stages(c: &mut Criterion) {
                 },
                 criterion::BatchSize::LargeInput,
             )
+        });
+    }
+    g.finish();
+
+    // Per-window threshold cost: 10,000 windows over 1,000 series, each series started from the
+    // model's calibration tail; exponential-tailed scores put about 2 % over the tail's level
+    // (each a refit), as a series' own level would.
+    let mut g = c.benchmark_group("thresholds");
+    let level = f.model.tail_seed().expect("the bundle has a calibration tail").level;
+    let scores: Vec<f64> = (0..10_000).map(|i| level * (0.5 - (1.0 - ((i * 7919) % 10_007) as f64 / 10_007.0).ln() / 8.0)).collect();
+    g.throughput(Throughput::Elements(scores.len() as u64));
+    let start = ModelThreshold::new(f.model.threshold(), f.model.tail_seed(), f.model.meta.thresholds.false_alarm_rate);
+    for mode in [Mode::Static, Mode::Spot, Mode::Dspot] {
+        let settings = Settings { mode, warmup_windows: 0, ..Settings::default() };
+        let mut t = Thresholds::new(settings, start.clone());
+        let choice = Choice { mode, risk: t.risk(None) };
+        let names: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
+        // Every series past its start before timing.
+        for (i, &x) in scores.iter().enumerate() {
+            t.observe(&names[i % 1000], x, choice);
+        }
+        g.bench_function(BenchmarkId::new("observe", format!("{mode:?}").to_lowercase()), |b| {
+            b.iter(|| scores.iter().enumerate().map(|(i, &x)| t.observe(&names[i % 1000], x, choice)).sum::<f64>())
         });
     }
     g.finish();

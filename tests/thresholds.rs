@@ -5,7 +5,7 @@
 
 mod common;
 
-use anomalyd::threshold::spot::{Dspot, Seed, Spot, Verdict};
+use anomalyd::threshold::spot::{Dspot, Params, Seed, Spot, Verdict};
 use common::{repo, stdin_config, temp_dir, Daemon};
 
 /// Relative tolerance on thresholds. Measured: below 3e-14 on four streams, 1.6e-9 on "ring",
@@ -47,11 +47,13 @@ fn spot_and_dspot_match_libspot_step_by_step() {
         let name = case["name"].as_str().unwrap();
         let init = &case["init"];
         let seed = Seed { n: init["n"].as_u64().unwrap(), level: init["level"].as_f64().unwrap(), peaks: floats(&init["peaks"]) };
-        let (q, max_peaks) = (case["q"].as_f64().unwrap(), case["max_excess"].as_u64().unwrap() as usize);
+        // libspot learns no anomaly: unlearnt_ratio 1.
+        let params =
+            Params { risk: case["q"].as_f64().unwrap(), max_peaks: case["max_excess"].as_u64().unwrap() as usize, unlearnt_ratio: 1.0 };
         let mut detector = if case["depth"].as_u64().unwrap() > 0 {
-            Detector::Dspot(Dspot::new(&seed, &floats(&case["recent"]), q, max_peaks).unwrap())
+            Detector::Dspot(Dspot::new(&seed, &floats(&case["recent"]), params).unwrap())
         } else {
-            Detector::Spot(Spot::new(&seed, q, max_peaks).unwrap())
+            Detector::Spot(Spot::new(&seed, params).unwrap())
         };
         if let Detector::Spot(s) = &detector {
             let want = case["initial_threshold"].as_f64().unwrap();

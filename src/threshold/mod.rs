@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use spot::{Dspot, Seed, Spot};
+use spot::{Dspot, Params, Seed, Spot};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -49,6 +49,9 @@ pub struct Settings {
     pub max_peaks: usize,
     /// DSPOT: normal scores in the baseline's moving mean.
     pub depth: usize,
+    /// An anomaly is still learnt unless it is over the quantile at `risk × unlearnt_ratio`;
+    /// 1 = no anomaly is (the paper's rule; see `spot`).
+    pub unlearnt_ratio: f64,
     /// Where per-series threshold state is kept across restarts; empty = nowhere.
     pub state_dir: std::path::PathBuf,
     /// How often the state is saved, besides at drain.
@@ -64,6 +67,7 @@ impl Default for Settings {
             level: 0.98,
             max_peaks: 64,
             depth: 32,
+            unlearnt_ratio: 0.01,
             state_dir: Default::default(),
             save_interval_secs: 60,
         }
@@ -99,7 +103,15 @@ impl Settings {
         if self.depth == 0 {
             return Err("depth must be >= 1".into());
         }
+        if !(self.unlearnt_ratio > 0.0 && self.unlearnt_ratio <= 1.0) {
+            return Err(format!("unlearnt_ratio ({}) must be > 0 and <= 1", self.unlearnt_ratio));
+        }
         Ok(())
+    }
+
+    /// A detector's parameters at `risk`.
+    pub fn params(&self, risk: f64) -> Params {
+        Params { risk, max_peaks: self.max_peaks, unlearnt_ratio: self.unlearnt_ratio }
     }
 
     /// How many warm-up scores are over the level: the peaks a series starts with.
@@ -261,7 +273,7 @@ impl Thresholds {
                 let baseline = w.recent.iter().map(|&v| f64::from(v)).sum::<f64>() / w.recent.len() as f64;
                 let recent: Vec<f64> = w.recent.iter().map(|&v| f64::from(v)).collect();
                 let seed = self.model.tail.as_ref().map(|t| Seed { level: t.level - baseline, ..t.clone() });
-                match seed.and_then(|seed| own(&seed, &recent, Mode::Dspot, choice.risk, self.settings.max_peaks)) {
+                match seed.and_then(|seed| own(&seed, &recent, Mode::Dspot, self.settings.params(choice.risk))) {
                     Some(mut own) => {
                         self.warming -= 1;
                         if let State::Dspot(d) = &mut own {
@@ -278,8 +290,8 @@ impl Thresholds {
             State::Warming(w) => {
                 w.risk = choice.risk;
                 if let Some(done) = w.push(score, &self.settings) {
-                    let max_peaks = self.settings.max_peaks;
-                    *state = match done.and_then(|(seed, recent)| own(&seed, &recent, w.mode, w.risk, max_peaks)) {
+                    let params = self.settings.params(w.risk);
+                    *state = match done.and_then(|(seed, recent)| own(&seed, &recent, w.mode, params)) {
                         Some(own) => {
                             self.warming -= 1;
                             own
@@ -321,7 +333,7 @@ impl Thresholds {
         if self.settings.warmup_windows > 0 || choice.mode == Mode::Dspot {
             return warm;
         }
-        match self.model.tail.as_ref().map(|tail| Spot::new(tail, choice.risk, self.settings.max_peaks)) {
+        match self.model.tail.as_ref().map(|tail| Spot::new(tail, self.settings.params(choice.risk))) {
             Some(Ok(spot)) => State::Spot(spot),
             _ => {
                 self.fallbacks += 1;
@@ -332,10 +344,10 @@ impl Thresholds {
 }
 
 /// A series' own detector from its warm-up; `None` when its scores gave no usable tail.
-fn own(seed: &Seed, recent: &[f64], mode: Mode, risk: f64, max_peaks: usize) -> Option<State> {
+fn own(seed: &Seed, recent: &[f64], mode: Mode, params: Params) -> Option<State> {
     match mode {
-        Mode::Dspot => Dspot::new(seed, recent, risk, max_peaks).ok().map(State::Dspot),
-        _ => Spot::new(seed, risk, max_peaks).ok().map(State::Spot),
+        Mode::Dspot => Dspot::new(seed, recent, params).ok().map(State::Dspot),
+        _ => Spot::new(seed, params).ok().map(State::Spot),
     }
     .filter(|s| s.threshold().is_some_and(f64::is_finite))
 }
@@ -446,7 +458,7 @@ mod tests {
         let m = ModelThreshold::new(2.5, Some(tail), Some(1e-3));
         let mut t = Thresholds::new(settings(Mode::Spot, 0), m.clone());
         let first = t.observe("a", 0.3, t.default_choice());
-        let spot = Spot::new(m.tail.as_ref().unwrap(), 1e-3, 64).unwrap();
+        let spot = Spot::new(m.tail.as_ref().unwrap(), Settings::default().params(1e-3)).unwrap();
         assert_eq!(first, spot.threshold());
     }
 
