@@ -41,7 +41,7 @@ use crate::source::kafka::Topics;
 use crate::source::lines::read_source;
 use crate::source::LINE_QUEUE;
 use crate::telemetry::metrics::Metrics;
-use crate::threshold::Thresholds;
+use crate::threshold::{Mode, Thresholds};
 use crate::window::{WindowSpec, Windower};
 
 /// Handled batches whose outputs are still being delivered, at most.
@@ -204,6 +204,11 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let reload_task = tokio::spawn(reloader.run(shutdown.child_token()));
     ready.store(true, Ordering::Release);
     metrics.ready.set(1);
+    let streaming =
+        cfg.thresholds.mode != Mode::Static || cfg.alert_overrides.iter().any(|o| o.threshold_mode.is_some_and(|m| m != Mode::Static));
+    if cfg.source.kind == SourceKind::Kafka && streaming {
+        warn!("Per-series thresholds with a Kafka consumer group: a series whose partition moves to another consumer starts its threshold again there (docs/thresholds.md, \"With a Kafka consumer group\").");
+    }
     info!(model = %model.meta.name, threshold = in_use.threshold, "Ready.");
 
     let pipeline = async {

@@ -36,9 +36,14 @@ impl Judge {
         Judged { threshold: obs.threshold, anomaly_score: obs.score / obs.threshold, event }
     }
 
-    /// Drops a series' state (idle eviction, revoked partition); true when its alert was firing.
-    pub fn forget(&mut self, series: &str) -> bool {
-        self.thresholds.forget(series);
-        self.tracker.forget(series)
+    /// Drops a series' state (idle eviction, revoked partition): whether it had a threshold
+    /// state, and whether its alert was firing.
+    pub fn forget(&mut self, series: &str) -> Forgotten {
+        Forgotten { threshold: self.thresholds.forget(series), firing: self.tracker.forget(series) }
     }
+}
+
+pub struct Forgotten {
+    pub threshold: bool,
+    pub firing: bool,
 }

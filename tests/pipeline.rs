@@ -151,13 +151,16 @@ fn idle_series_are_evicted_with_their_gauges() {
     let path = dir.join("two.csv");
     std::fs::write(&path, lines.join("\n")).unwrap();
     let config = BASE.replace("{records}", path.to_str().unwrap())
-        + "[mapping]\ntimestamp_field = \"ts\"\ntimestamp_format = \"unix_s\"\nseries_fields = [\"series\"]\n[windows]\nidle_timeout_secs = 60\n";
+        + "[mapping]\ntimestamp_field = \"ts\"\ntimestamp_format = \"unix_s\"\nseries_fields = [\"series\"]\n[windows]\nidle_timeout_secs = 60\n"
+        + "[thresholds]\nmode = \"spot\"\n";
     let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.stderr().contains("Pipeline idle"), "the whole file processed");
     let m = d.metrics();
     assert_eq!(metric(&m, "anomalyd_series_evicted_total"), Some(1.0), "{m}");
     assert_eq!(metric(&m, "anomalyd_series_live"), Some(1.0));
     assert!(metric(&m, "anomalyd_anomaly_score{series=\"a\"}").is_none(), "evicted series keeps no gauge");
+    assert!(metric(&m, "anomalyd_series_threshold{series=\"a\"}").is_none());
+    assert_eq!(metric(&m, "anomalyd_threshold_resets_total{reason=\"series_dropped\"}"), Some(1.0), "its threshold went with it");
     assert!(metric(&m, "anomalyd_anomaly_score{series=\"b\"}").is_some());
     assert_eq!(d.stop(), 0);
 }

@@ -216,8 +216,13 @@ impl AlertStage {
             m.series_score(&meta.series, anomaly_score, threshold, firing);
         }
         for series in &batch.evicted {
-            if self.judge.forget(series) {
+            let forgotten = self.judge.forget(series);
+            if forgotten.firing {
                 info!(series = %series, "Series dropped (idle, or its partition revoked) while its alert was firing.");
+            }
+            if forgotten.threshold {
+                // Its threshold starts again if it comes back, here or on another consumer.
+                m.threshold_resets.with_label_values(&["series_dropped"]).inc();
             }
             m.forget_series(series);
         }

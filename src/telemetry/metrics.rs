@@ -229,7 +229,7 @@ impl Metrics {
             threshold_resets: counter_vec(
                 &r,
                 "anomalyd_threshold_resets_total",
-                "Series whose threshold state started again, by reason (model_changed, state_foreign, state_corrupt).",
+                "Series whose threshold state was dropped or not restored, by reason (model_changed, state_foreign, state_corrupt, series_dropped: idle or partition revoked).",
                 &["reason"],
             ),
             threshold_saves: counter_vec(&r, "anomalyd_threshold_state_saves_total", "Saves of the threshold state file, by result.", &["result"]),
@@ -287,7 +287,7 @@ impl Metrics {
         for output in ["dead_letter", "score", "alert"] {
             m.produce_errors.with_label_values(&[output]).reset();
         }
-        for reason in ["model_changed", "state_foreign", "state_corrupt"] {
+        for reason in ["model_changed", "state_foreign", "state_corrupt", "series_dropped"] {
             m.threshold_resets.with_label_values(&[reason]).reset();
         }
         for result in ["ok", "error"] {

@@ -307,10 +307,15 @@ impl Thresholds {
         in_force
     }
 
-    /// Drops a series (idle eviction, revoked partition).
-    pub fn forget(&mut self, series: &str) {
-        if let Some(State::Warming(_)) = self.series.remove(series) {
-            self.warming -= 1;
+    /// Drops a series (idle eviction, revoked partition); true when it had a threshold state.
+    pub fn forget(&mut self, series: &str) -> bool {
+        match self.series.remove(series) {
+            Some(State::Warming(_)) => {
+                self.warming -= 1;
+                true
+            }
+            Some(_) => true,
+            None => false,
         }
     }
 
