@@ -194,11 +194,14 @@ pub struct Thresholds {
     /// Warm-ups whose scores held no tail (all equal, say): the series stays on the model's
     /// threshold and warms up again.
     pub fallbacks: u64,
+    /// SPOT fitted on the model's tail, for series that start from it (`warmup_windows = 0`):
+    /// fitted once, cloned per series. `None` until needed, and after any change it depends on.
+    from_tail: Option<Spot>,
 }
 
 impl Thresholds {
     pub fn new(settings: Settings, model: ModelThreshold) -> Thresholds {
-        Thresholds { settings, model, series: HashMap::new(), warming: 0, fallbacks: 0 }
+        Thresholds { settings, model, series: HashMap::new(), warming: 0, fallbacks: 0, from_tail: None }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -217,12 +220,14 @@ impl Thresholds {
 
     pub fn set_settings(&mut self, settings: Settings) {
         self.settings = settings;
+        self.from_tail = None;
     }
 
     /// A new model: its threshold and tail. `rescaled`: its scores are not on the old scale (a
     /// new network or scaling), so every series starts again; returns how many did.
     pub fn set_model(&mut self, model: ModelThreshold, rescaled: bool) -> usize {
         self.model = model;
+        self.from_tail = None;
         if rescaled {
             let n = self.series.len();
             self.series.clear();
@@ -338,9 +343,13 @@ impl Thresholds {
         if self.settings.warmup_windows > 0 || choice.mode == Mode::Dspot {
             return warm;
         }
-        match self.model.tail.as_ref().map(|tail| Spot::new(tail, self.settings.params(choice.risk))) {
-            Some(Ok(spot)) => State::Spot(spot),
-            _ => {
+        let params = self.settings.params(choice.risk);
+        if self.from_tail.as_ref().is_none_or(|s| s.risk() != choice.risk) {
+            self.from_tail = self.model.tail.as_ref().and_then(|tail| Spot::new(tail, params).ok());
+        }
+        match &self.from_tail {
+            Some(spot) => State::Spot(spot.clone()),
+            None => {
                 self.fallbacks += 1;
                 warm
             }
