@@ -275,7 +275,7 @@ impl Thresholds {
             }
             State::Warming(w) if w.mode == Mode::Dspot && self.settings.warmup_windows == 0 && w.recent.len() == self.settings.depth => {
                 // No warm-up: the model's tail, over the baseline its first `depth` scores give.
-                let baseline = w.recent.iter().map(|&v| f64::from(v)).sum::<f64>() / w.recent.len() as f64;
+                let baseline = w.baseline();
                 let recent: Vec<f64> = w.recent.iter().map(|&v| f64::from(v)).collect();
                 let seed = self.model.tail.as_ref().map(|t| Seed { level: t.level - baseline, ..t.clone() });
                 match seed.and_then(|seed| own(&seed, &recent, Mode::Dspot, self.settings.params(choice.risk))) {
@@ -322,10 +322,6 @@ impl Thresholds {
             Some(_) => true,
             None => false,
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.series.len()
     }
 
     /// Series (warming up, on their own threshold).
@@ -377,6 +373,11 @@ impl Warmup {
         Warmup { mode, risk, recent: Vec::new(), n: 0, top: Vec::new() }
     }
 
+    /// DSPOT: the mean of the baseline's scores so far.
+    fn baseline(&self) -> f64 {
+        self.recent.iter().map(|&v| f64::from(v)).sum::<f64>() / self.recent.len() as f64
+    }
+
     /// Takes one score. When the warm-up is over: `Some(Some((seed, baseline)))`, or `Some(None)`
     /// when its scores hold no tail (all equal, or NaN).
     fn push(&mut self, score: f64, settings: &Settings) -> Option<Option<(Seed, Vec<f64>)>> {
@@ -388,7 +389,7 @@ impl Warmup {
             self.recent.push(score as f32);
             return None;
         }
-        let baseline = if dspot { self.recent.iter().map(|&v| f64::from(v)).sum::<f64>() / self.recent.len() as f64 } else { 0.0 };
+        let baseline = if dspot { self.baseline() } else { 0.0 };
         let x = (score - baseline) as f32;
         if dspot {
             // The baseline moves with the normal scores, as it will after the warm-up.

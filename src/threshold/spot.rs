@@ -172,11 +172,6 @@ impl Spot {
         }
     }
 
-    /// Bytes this detector holds on the heap.
-    pub fn heap_bytes(&self) -> usize {
-        self.peaks.data.capacity() * std::mem::size_of::<f64>()
-    }
-
     fn refit(&mut self) {
         self.gpd = fit(&self.peaks.data);
         self.update_thresholds();
@@ -395,10 +390,6 @@ impl Dspot {
             self.sum = self.recent.iter().sum();
         }
         verdict
-    }
-
-    pub fn heap_bytes(&self) -> usize {
-        self.spot.heap_bytes() + self.recent.capacity() * std::mem::size_of::<f64>()
     }
 }
 
