@@ -182,3 +182,41 @@ fn a_reload_moves_the_risk_at_once_and_a_rescaled_model_resets_thresholds() {
     assert!(d.stderr().contains("The new model scores on another scale"));
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn periodic_saves_are_written_while_the_daemon_keeps_scoring() {
+    let dir = temp_dir("thresholds-periodic");
+    // Unix seconds for time, so the test can write records of any second.
+    let config = stdin_config("models/skab-convae", 0.0)
+        + "[mapping]\ntimestamp_field = \"datetime\"\ntimestamp_format = \"unix_s\"\n"
+        + SPOT
+        + "save_interval_secs = 1\n";
+    let mut d = Daemon::start_piped(&dir, &config);
+    let records = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let rows: Vec<&str> = records.lines().collect();
+    d.send(&rows[..1]);
+    // One record every 20 ms, a second apart in event time, until a save has landed.
+    let started = std::time::Instant::now();
+    let start = 1_767_700_000i64;
+    let mut sent = 0;
+    for i in 0.. {
+        if d.metric("anomalyd_threshold_state_saves_total{result=\"ok\"}").is_some_and(|n| n >= 1.0) {
+            sent = i;
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "no periodic save; stderr:\n{}", d.stderr());
+        let ts = start + i;
+        let values = rows[1 + (i as usize % 200)].split_once(';').unwrap().1;
+        d.send(&[format!("{ts};{values}").as_str()]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let scored = d.metric("anomalyd_windows_scored_total").unwrap();
+    let state = std::fs::read_to_string(dir.join("state/thresholds.jsonl")).unwrap();
+    assert!(state.starts_with("{\"format\":\"anomalyd-thresholds\"") && state.lines().count() == 2, "{state}");
+    // Scoring went on after the save: the next second's record completes a window.
+    let next = start + sent;
+    let values = rows[1].split_once(';').unwrap().1;
+    d.send(&[format!("{next};{values}").as_str()]);
+    d.wait_for(|d| d.metric("anomalyd_windows_scored_total").is_some_and(|n| n > scored), "a window after the save");
+    assert_eq!(d.stop(), 0);
+}

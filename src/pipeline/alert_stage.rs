@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::producer::DeliveryFuture;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::commit::Pending;
@@ -54,6 +55,7 @@ impl AlertStage {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Scored>) {
         self.restore();
         let mut saved = Instant::now();
+        let mut saving = None;
         let interval = Duration::from_secs(self.judge.thresholds.settings().save_interval_secs.max(1));
         let mut next = 0u64;
         let mut waiting: BTreeMap<u64, Scored> = BTreeMap::new();
@@ -64,7 +66,7 @@ impl AlertStage {
                 next += 1;
             }
             if saved.elapsed() >= interval {
-                self.save();
+                self.save_in_background(&mut saving).await;
                 saved = Instant::now();
             }
         }
@@ -72,7 +74,14 @@ impl AlertStage {
             self.complete(scored).await;
         }
         self.flush();
-        self.save();
+        // The last word is the drain's: after any periodic save still writing.
+        if let Some(running) = saving.take() {
+            self.record_save(running.await.map_err(|e| e.to_string()).and_then(|r| r));
+        }
+        if let Some(dir) = &self.state_dir {
+            let result = self.judge.thresholds.save(dir, &self.model.model.score_owner());
+            self.record_save(result);
+        }
     }
 
     /// Thresholds from the state file, if there is one for this model.
@@ -102,9 +111,23 @@ impl AlertStage {
         self.update_threshold_gauges();
     }
 
-    fn save(&mut self) {
-        let Some(dir) = &self.state_dir else { return };
-        match self.judge.thresholds.save(dir, &self.model.model.score_owner()) {
+    /// A periodic save: a snapshot of the thresholds, written on a blocking thread so the stage
+    /// goes on judging windows (at 100,000 series the write takes about half a second). One at a
+    /// time: while the last one still writes, this interval's is skipped.
+    async fn save_in_background(&mut self, saving: &mut Option<JoinHandle<Result<u64, String>>>) {
+        let Some(dir) = self.state_dir.clone() else { return };
+        if saving.as_ref().is_some_and(|running| !running.is_finished()) {
+            return;
+        }
+        if let Some(done) = saving.take() {
+            self.record_save(done.await.map_err(|e| e.to_string()).and_then(|r| r));
+        }
+        let (snapshot, owner) = (self.judge.thresholds.snapshot(), self.model.model.score_owner());
+        *saving = Some(tokio::task::spawn_blocking(move || snapshot.write(&dir, &owner)));
+    }
+
+    fn record_save(&mut self, result: Result<u64, String>) {
+        match result {
             Ok(_) => self.metrics.threshold_saves.with_label_values(&["ok"]).inc(),
             Err(error) => {
                 self.metrics.threshold_saves.with_label_values(&["error"]).inc();

@@ -175,6 +175,17 @@ impl State {
         }
     }
 
+    /// Read back from a state file: usable without a panic or a NaN later on.
+    fn is_sound(&self) -> bool {
+        match self {
+            State::Warming(w) => {
+                w.risk > 0.0 && w.risk < 1.0 && w.recent.iter().all(|v| v.is_finite()) && w.top.iter().all(|(_, v)| v.is_finite())
+            }
+            State::Spot(s) => s.is_sound(),
+            State::Dspot(d) => d.is_sound(),
+        }
+    }
+
     fn threshold(&self) -> Option<f64> {
         match self {
             State::Warming(_) => None,

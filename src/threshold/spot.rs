@@ -161,6 +161,25 @@ impl Spot {
         }
     }
 
+    /// Whether a detector read back from a state file holds together (a parseable but edited or
+    /// foreign line must not make a later step index out of its ring or divide by zero).
+    pub fn is_sound(&self) -> bool {
+        let p = &self.peaks;
+        let finite = [self.risk, self.level, self.gpd.gamma, self.gpd.sigma].iter().all(|v| v.is_finite());
+        finite
+            && self.risk > 0.0
+            && self.risk < 1.0
+            && self.unlearnt_ratio > 0.0
+            && self.unlearnt_ratio <= 1.0
+            && p.max >= 1
+            && !p.data.is_empty()
+            && p.data.len() <= p.max
+            && p.next < p.max
+            && p.data.iter().all(|v| v.is_finite() && *v >= 0.0)
+            && self.n_peaks >= 1
+            && self.n >= self.n_peaks
+    }
+
     /// The score exceeded with probability `q`.
     pub fn quantile(&self, q: f64) -> f64 {
         let r = q * self.n as f64 / self.n_peaks as f64;
@@ -359,6 +378,15 @@ impl Dspot {
 
     pub fn baseline(&self) -> f64 {
         self.sum / self.recent.len() as f64
+    }
+
+    /// As [`Spot::is_sound`], with a baseline to stand on.
+    pub fn is_sound(&self) -> bool {
+        self.spot.is_sound()
+            && self.depth >= 1
+            && !self.recent.is_empty()
+            && self.recent.len() <= self.depth
+            && self.recent.iter().all(|v| v.is_finite())
     }
 
     /// On the score's scale: the baseline plus SPOT's threshold on the residual.

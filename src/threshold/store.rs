@@ -4,9 +4,11 @@
 //! (`model`, `onnx_sha256`, the model's threshold), then one line per series
 //! (`{"series": …, "state": …}`). Written to a temporary file and renamed, so a crash leaves the
 //! previous file whole. On load, a file for another model or score scale is ignored with a
-//! warning (its series start again); a line that does not parse is skipped and counted; a file
+//! warning (its series start again); a line that does not parse, or parses to a state that does
+//! not hold together (an empty ring, a NaN fit), is skipped and counted; a file
 //! that is not a state file at all is an error the caller logs before starting without it.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -57,26 +59,47 @@ pub fn path(dir: &Path) -> PathBuf {
     dir.join("thresholds.jsonl")
 }
 
+/// Every series' state at one moment, to be written away from the task that keeps them (at
+/// 100,000 series, cloning them took 65 ms and writing them 0.48 s).
+pub struct Snapshot(HashMap<String, State>);
+
+impl Snapshot {
+    /// Writes the state file; returns the bytes written.
+    pub fn write(&self, dir: &Path, owner: &Owner) -> Result<u64, String> {
+        write(&self.0, dir, owner)
+    }
+}
+
+/// The state file of `all`: written to a temporary file, synced, and renamed into place.
+fn write(all: &HashMap<String, State>, dir: &Path, owner: &Owner) -> Result<u64, String> {
+    let target = path(dir);
+    let tmp = dir.join("thresholds.jsonl.tmp");
+    let io = |what: &str, p: &Path, e: std::io::Error| format!("{}: cannot {what}: {e}", p.display());
+    std::fs::create_dir_all(dir).map_err(|e| io("create the directory", dir, e))?;
+    let file = std::fs::File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
+    let mut out = BufWriter::new(file);
+    let header = Header { format: FORMAT.into(), version: VERSION, owner: owner.clone(), series: all.len() };
+    let mut line = |text: String| writeln!(out, "{text}").map_err(|e| io("write", &tmp, e));
+    line(serde_json::to_string(&header).expect("headers serialise"))?;
+    for (series, state) in all {
+        line(serde_json::to_string(&LineRef { series, state }).expect("states serialise"))?;
+    }
+    let file = out.into_inner().map_err(|e| io("write", &tmp, e.into_error()))?;
+    file.sync_all().map_err(|e| io("sync", &tmp, e))?;
+    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+    std::fs::rename(&tmp, &target).map_err(|e| io("rename into place", &target, e))?;
+    Ok(bytes)
+}
+
 impl Thresholds {
     /// Writes every series' state; returns the bytes written.
     pub fn save(&self, dir: &Path, owner: &Owner) -> Result<u64, String> {
-        let target = path(dir);
-        let tmp = dir.join("thresholds.jsonl.tmp");
-        let io = |what: &str, p: &Path, e: std::io::Error| format!("{}: cannot {what}: {e}", p.display());
-        std::fs::create_dir_all(dir).map_err(|e| io("create the directory", dir, e))?;
-        let file = std::fs::File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
-        let mut out = BufWriter::new(file);
-        let header = Header { format: FORMAT.into(), version: VERSION, owner: owner.clone(), series: self.series.len() };
-        let mut write = |line: String| writeln!(out, "{line}").map_err(|e| io("write", &tmp, e));
-        write(serde_json::to_string(&header).expect("headers serialise"))?;
-        for (series, state) in &self.series {
-            write(serde_json::to_string(&LineRef { series, state }).expect("states serialise"))?;
-        }
-        let file = out.into_inner().map_err(|e| io("write", &tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| io("sync", &tmp, e))?;
-        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-        std::fs::rename(&tmp, &target).map_err(|e| io("rename into place", &target, e))?;
-        Ok(bytes)
+        write(&self.series, dir, owner)
+    }
+
+    /// The state of every series now, for [`Snapshot::write`] on another thread.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot(self.series.clone())
     }
 
     /// Restores the series of a state file written for `owner`, replacing what is held.
@@ -102,7 +125,7 @@ impl Thresholds {
         self.series.clear();
         let mut skipped = 0;
         for line in lines {
-            match line.ok().and_then(|l| serde_json::from_str::<Line>(&l).ok()) {
+            match line.ok().and_then(|l| serde_json::from_str::<Line>(&l).ok()).filter(|l| l.state.is_sound()) {
                 Some(Line { series, state }) => {
                     self.series.insert(series, state);
                 }
@@ -168,9 +191,13 @@ mod tests {
         let text = std::fs::read_to_string(path(&d)).unwrap();
         let mut lines: Vec<&str> = text.lines().collect();
         lines[1] = "{\"series\": \"a\", \"state\": {\"Spot\": 3}}";
+        // Parses, but its ring has no room: the next peak would index out of it.
+        let hollow = lines[2].replace("\"max\":64", "\"max\":0");
+        assert_ne!(hollow, lines[2]);
+        lines[2] = &hollow;
         std::fs::write(path(&d), lines.join("\n")).unwrap();
         let mut back = Thresholds::new(t.settings.clone(), t.model.clone());
-        assert_eq!(back.load(&d, &owner()).unwrap(), Loaded::Restored { series: 1, skipped: 1 });
+        assert_eq!(back.load(&d, &owner()).unwrap(), Loaded::Restored { series: 0, skipped: 2 });
         std::fs::write(path(&d), "\u{0}\u{1}garbage").unwrap();
         let e = back.load(&d, &owner()).unwrap_err();
         assert!(e.contains("thresholds.jsonl: not an anomalyd threshold state file"), "{e}");

@@ -96,7 +96,7 @@ def _skab_files(data: Path) -> list[Path]:
     return [p for folder in ("valve1", "valve2", "other") for p in sorted((data / folder).glob("*.csv"))]
 
 
-def _bundle_for(cfg: Config, bundles: Path, log) -> tuple[Bundle, str]:
+def _bundle_for(cfg: Config, bundles: Path) -> tuple[Bundle, str]:
     """The file's bundle: trained now, or reused from `bundles` when trained there by the same config."""
     out = bundles / cfg.export.name
     stamp = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
@@ -161,7 +161,7 @@ def skab(config: Path, data: Path, overrides: list[str], folders: tuple[str, ...
             cfg = load_config(config, overrides)
             cfg.data = dataclasses.replace(cfg.data, paths=[str(path)], head_rows=SKAB_TRAIN_ROWS)
             cfg.export.name = f"skab-{path.parent.name}-{path.stem}"
-            bundle, how = _bundle_for(cfg, bundles or Path(tmp), log)
+            bundle, how = _bundle_for(cfg, bundles or Path(tmp))
             scored = score_detectors(bundle, [str(path)], skip_rows=SKAB_TRAIN_ROWS)
             for daemon_config in daemon_configs:
                 d = daemon_alarms(bundle, path, daemon_config, SKAB_TRAIN_ROWS, Path(tmp))
