@@ -145,13 +145,13 @@ impl ModelThreshold {
     }
 }
 
-/// A series' state.
+/// A series' state, boxed: a hash-map slot holds 16 bytes whatever the phase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum State {
     /// Judged against the model's threshold while its own start is gathered.
-    Warming(Warmup),
-    Spot(Spot),
-    Dspot(Dspot),
+    Warming(Box<Warmup>),
+    Spot(Box<Spot>),
+    Dspot(Box<Dspot>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -346,7 +346,7 @@ impl Thresholds {
 
     /// How a series starts: warming up, or from the model's tail when there is no warm-up.
     fn start(&mut self, choice: Choice) -> State {
-        let warm = State::Warming(Warmup::new(choice.mode, choice.risk));
+        let warm = State::from(Warmup::new(choice.mode, choice.risk));
         if self.settings.warmup_windows > 0 || choice.mode == Mode::Dspot {
             return warm;
         }
@@ -355,7 +355,7 @@ impl Thresholds {
             self.from_tail = self.model.tail.as_ref().and_then(|tail| Spot::new(tail, params).ok());
         }
         match &self.from_tail {
-            Some(spot) => State::Spot(spot.clone()),
+            Some(spot) => State::Spot(Box::new(spot.clone())),
             None => {
                 self.fallbacks += 1;
                 warm
@@ -367,15 +367,15 @@ impl Thresholds {
 /// A series' own detector from its warm-up; `None` when its scores gave no usable tail.
 fn own(seed: &Seed, recent: &[f64], mode: Mode, params: Params) -> Option<State> {
     match mode {
-        Mode::Dspot => Dspot::new(seed, recent, params).ok().map(State::Dspot),
-        _ => Spot::new(seed, params).ok().map(State::Spot),
+        Mode::Dspot => Dspot::new(seed, recent, params).ok().map(|d| State::Dspot(Box::new(d))),
+        _ => Spot::new(seed, params).ok().map(|s| State::Spot(Box::new(s))),
     }
     .filter(|s| s.threshold().is_some_and(f64::is_finite))
 }
 
 impl From<Warmup> for State {
     fn from(w: Warmup) -> State {
-        State::Warming(w)
+        State::Warming(Box::new(w))
     }
 }
 
@@ -408,12 +408,13 @@ impl Warmup {
             self.recent.push(score as f32);
         }
         let keep = settings.peaks_from_warmup() + 1;
+        self.top.reserve_exact(keep.saturating_sub(self.top.len()));
         let at = self.top.partition_point(|&(_, v)| v < x);
         if self.top.len() < keep {
             self.top.insert(at, (self.n, x));
         } else if at > 0 {
-            self.top.insert(at, (self.n, x));
             self.top.remove(0);
+            self.top.insert(at - 1, (self.n, x));
         }
         self.n += 1;
         if self.n < settings.warmup_windows.max(1) {
