@@ -29,7 +29,7 @@ use crate::judge::Judge;
 use crate::mapping::field_map;
 use crate::model::lifecycle::{build_scorers, publish_model, ModelInUse};
 use crate::model::Model;
-use crate::pipeline::alert_stage::AlertStage;
+use crate::pipeline::alert_stage::{AlertStage, Changelog};
 use crate::pipeline::commit::Committer;
 use crate::pipeline::dispatch::dispatch;
 use crate::pipeline::window_stage::{flow_input, RecordInput, WindowStage};
@@ -147,6 +147,11 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     );
     let label_names = map_series.clone();
     let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules(&label_names));
+    let changelog = (cfg.source.kind == SourceKind::Kafka && !cfg.kafka.thresholds_topic.is_empty()).then(|| Changelog {
+        kafka: cfg.kafka.clone(),
+        topics: topics.clone(),
+        placed: Default::default(),
+    });
     let (kafka, committer) = match cfg.source.kind {
         SourceKind::Kafka => {
             let (consumer, handle) = crate::source::kafka::connect(&cfg.kafka, topics, metrics.clone())?;
@@ -173,6 +178,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         scores: open_scores(&cfg, metrics.clone())?,
         sinks: sinks.clone(),
         save_errors: Default::default(),
+        changelog,
     };
 
     let (line_tx, line_rx) = mpsc::channel(LINE_QUEUE);
@@ -206,8 +212,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     metrics.ready.set(1);
     let streaming =
         cfg.thresholds.mode != Mode::Static || cfg.alert_overrides.iter().any(|o| o.threshold_mode.is_some_and(|m| m != Mode::Static));
-    if cfg.source.kind == SourceKind::Kafka && streaming {
-        warn!("Per-series thresholds with a Kafka consumer group: a series whose partition moves to another consumer starts its threshold again there (docs/thresholds.md, \"With a Kafka consumer group\").");
+    if cfg.source.kind == SourceKind::Kafka && streaming && cfg.kafka.thresholds_topic.is_empty() {
+        warn!("Per-series thresholds with a Kafka consumer group: a series whose partition moves to another consumer starts its threshold again there; kafka.thresholds_topic makes thresholds follow their partitions (docs/thresholds.md, \"With a Kafka consumer group\").");
     }
     info!(model = %model.meta.name, threshold = in_use.threshold, "Ready.");
 

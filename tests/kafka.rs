@@ -375,6 +375,15 @@ format = "goflow2"
 }
 
 /// The per-series score gauges a daemon exports: the series it owns now.
+/// `interleaved` series keyed by name alone, series `sK` on partition K mod 4.
+fn over_four_partitions(n: usize, rows: usize) -> (Vec<String>, Vec<Record>) {
+    let (columns, mut records) = interleaved(n, rows, false);
+    for r in &mut records {
+        r.2 = Some(r.0[1..].parse::<i32>().unwrap() % 4);
+    }
+    (columns, records)
+}
+
 fn owned_series(d: &Daemon) -> HashSet<String> {
     d.metrics()
         .lines()
@@ -390,10 +399,7 @@ fn two_daemons_split_four_partitions_and_hand_over() {
     c.create_topic(&topic, 4);
     c.create_topic(&scores, 1);
     // Eight series keyed by name, two per partition; the key alone names the series.
-    let (columns, mut records) = interleaved(8, 300, false);
-    for r in &mut records {
-        r.2 = Some(r.0[1..].parse::<i32>().unwrap() % 4);
-    }
+    let (columns, records) = over_four_partitions(8, 300);
     let rows = |from: usize, to: usize| &records[from * 8..to * 8];
     let kafka = format!("series_from_key = true\nscores_topic = \"{scores}\"");
     let config =
@@ -528,4 +534,40 @@ fn a_15_second_broker_outage_loses_nothing() {
     );
     assert_eq!(d.metric("anomalyd_kafka_produce_errors_total{output=\"score\"}"), Some(0.0), "no score lost");
     assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn thresholds_follow_their_series_to_the_consumer_a_partition_moves_to() {
+    let c = Cluster::shared();
+    let id = std::process::id();
+    let (topic, changelog, group) = (format!("follow-{id}"), format!("follow-thresholds-{id}"), format!("follow-g-{id}"));
+    c.create_topic(&topic, 4);
+    c.create_topic(&changelog, 4);
+    // Eight series, two per partition; each warms up on its first 100 windows, then has its own
+    // threshold.
+    let (columns, records) = over_four_partitions(8, 250);
+    let rows = |from: usize, to: usize| &records[from * 8..to * 8];
+    let kafka = format!("series_from_key = true\nthresholds_topic = \"{changelog}\"");
+    let thresholds = "[thresholds]\nmode = \"spot\"\nlevel = 0.89\nwarmup_windows = 100\nsave_interval_secs = 1\n";
+    let config = config(&c.bootstrap, &topic, &group, &columns, &kafka, TIME_MAPPING)
+        + thresholds
+        + "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n";
+    let assigned = |d: &Daemon| d.metric("anomalyd_kafka_assigned_partitions");
+    let phase = |d: &Daemon, p: &str| d.metric(&format!("anomalyd_threshold_series{{phase=\"{p}\"}}"));
+
+    c.produce(&topic, rows(0, 200));
+    let a = Daemon::start(&temp_dir("kafka-follow-a"), &config);
+    a.wait_for(|a| a.metric("anomalyd_windows_scored_total") == Some(8.0 * 169.0), "a scored every window");
+    assert_eq!(phase(&a, "own"), Some(8.0), "every series past its warm-up");
+    a.wait_for(|a| a.metric("anomalyd_threshold_changelog_records_total{event=\"written\"}") >= Some(8.0), "a wrote them");
+
+    // b joins: two partitions move to it, and their four series keep the thresholds they had.
+    let b = Daemon::start(&temp_dir("kafka-follow-b"), &config);
+    b.wait_for(|b| assigned(b) == Some(2.0) && assigned(&a) == Some(2.0), "two partitions each");
+    c.produce(&topic, rows(200, 250));
+    b.wait_for(|b| owned_series(b).len() == 4, "b scores its series");
+    assert_eq!(b.metric("anomalyd_threshold_changelog_records_total{event=\"restored\"}"), Some(4.0));
+    assert_eq!((phase(&b, "own"), phase(&b, "warming")), (Some(4.0), Some(0.0)), "none warms up again on b");
+    assert_eq!(a.stop(), 0);
+    assert_eq!(b.stop(), 0);
 }

@@ -288,6 +288,11 @@ pub struct KafkaConfig {
     pub scores_topic: String,
     /// Alert events (JSON, keyed by series); "" = off.
     pub alerts_topic: String,
+    /// The per-series thresholds' changelog: a compacted topic with at least as many partitions
+    /// as the input topics, keyed by series, replayed by the consumer a partition moves to
+    /// (docs/thresholds.md); "" = off.
+    #[serde(default)]
+    pub thresholds_topic: String,
     /// The message key names the series, instead of `mapping.series_fields`.
     pub series_from_key: bool,
     /// Any librdkafka property (TLS, SASL, timeouts, ...), passed through to consumer and producer.

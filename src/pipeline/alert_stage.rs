@@ -1,7 +1,7 @@
 //! The alert stage: scored batches, in sequence order, → alert policy → alert events, scores and
 //! per-series metrics; each batch's Kafka deliveries and offsets then go to the committer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,12 +16,13 @@ use super::Scored;
 use ndarray::s;
 
 use crate::alert::{AlertState, Event, Observation};
-use crate::config::AlertRules;
+use crate::config::{AlertRules, KafkaConfig};
 use crate::judge::{Judge, Judged};
 use crate::model::as_windows;
 use crate::model::lifecycle::ModelInUse;
 use crate::sink::kafka::{KafkaOutput, KafkaSinks};
 use crate::sink::JsonLines;
+use crate::source::kafka::{read_to_end, Topics};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::LogEvery;
 use crate::threshold::store::{self, Loaded};
@@ -47,33 +48,73 @@ pub struct AlertStage {
     /// Kafka outputs, for scores and alert events.
     pub sinks: Option<KafkaSinks>,
     pub save_errors: LogEvery,
+    /// `kafka.thresholds_topic`: where each series' threshold state follows its partition.
+    pub changelog: Option<Changelog>,
 }
+
+/// The thresholds' changelog: every series' input partition, and whether its state changed
+/// since it was last written.
+pub struct Changelog {
+    pub kafka: KafkaConfig,
+    pub topics: Topics,
+    pub placed: HashMap<String, Placed>,
+}
+
+pub struct Placed {
+    /// The input topic (index) and partition of its last window.
+    input: (usize, i32),
+    changed: bool,
+}
+
+impl Changelog {
+    /// A window of `series` from `input` was judged: its state changed.
+    fn judged(&mut self, series: &str, input: Option<(usize, i32)>) {
+        let Some(input) = input else { return };
+        match self.placed.get_mut(series) {
+            Some(placed) => *placed = Placed { input, changed: true },
+            None => {
+                self.placed.insert(series.to_string(), Placed { input, changed: true });
+            }
+        }
+    }
+}
+
+/// How long a replay of the changelog may take before the stage goes on without it.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl AlertStage {
     /// Handles batches strictly in sequence order: windows of one series must reach the alert
     /// state machine in event-time order, and batches can finish inference out of order.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Scored>) {
         self.restore();
-        let mut saved = Instant::now();
         let mut saving = None;
         let interval = Duration::from_secs(self.judge.thresholds.settings().save_interval_secs.max(1));
+        // Saves come on time whether windows arrive or not (a quiet stream's last state too).
+        let mut save = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next = 0u64;
         let mut waiting: BTreeMap<u64, Scored> = BTreeMap::new();
-        while let Some(scored) = rx.recv().await {
-            waiting.insert(scored.batch.seq, scored);
-            while let Some(scored) = waiting.remove(&next) {
-                self.complete(scored).await;
-                next += 1;
-            }
-            if saved.elapsed() >= interval {
-                self.save_in_background(&mut saving).await;
-                saved = Instant::now();
+        loop {
+            tokio::select! {
+                scored = rx.recv() => {
+                    let Some(scored) = scored else { break };
+                    waiting.insert(scored.batch.seq, scored);
+                    while let Some(scored) = waiting.remove(&next) {
+                        self.complete(scored).await;
+                        next += 1;
+                    }
+                }
+                _ = save.tick() => {
+                    self.save_in_background(&mut saving).await;
+                    self.write_changed().await;
+                }
             }
         }
         for (_, scored) in std::mem::take(&mut waiting) {
             self.complete(scored).await;
         }
         self.flush();
+        self.write_changed().await;
         // The last word is the drain's: after any periodic save still writing.
         if let Some(running) = saving.take() {
             self.record_save(running.await.map_err(|e| e.to_string()).and_then(|r| r));
@@ -108,6 +149,53 @@ impl AlertStage {
                 error!(%error, "Threshold state not usable; every series warms up again.");
             }
         }
+        self.update_threshold_gauges();
+    }
+
+    /// The state of every series whose state changed since it was last written, to the
+    /// changelog; delivered (awaited by the committer) like a batch's outputs.
+    async fn write_changed(&mut self) {
+        let (Some(changelog), Some(sinks), Some(committer)) = (&mut self.changelog, &self.sinks, &self.committer) else { return };
+        let owner = self.model.model.score_owner();
+        let mut deliveries = Vec::new();
+        for (series, placed) in changelog.placed.iter_mut().filter(|(_, p)| p.changed) {
+            placed.changed = false;
+            let (topic, partition) = (changelog.topics.name(placed.input.0), placed.input.1);
+            let Some(state) = self.judge.thresholds.change(series, &topic, &owner) else { continue };
+            if let Some(delivery) = sinks.threshold(series, partition, Some(&state)).await {
+                deliveries.push((delivery, KafkaOutput::Thresholds));
+            }
+        }
+        self.metrics.threshold_changelog.with_label_values(&["written"]).inc_by(deliveries.len() as u64);
+        let _ = committer.send(super::commit::Pending { deliveries, acks: Default::default() }).await;
+    }
+
+    /// Newly assigned partitions: their series' thresholds from the changelog, before any of
+    /// their windows is judged. A replay that fails is logged; those series warm up.
+    async fn replay(&mut self, assigned: &[(usize, i32)]) {
+        let Some(changelog) = &self.changelog else { return };
+        let named: Vec<(String, i32)> = assigned.iter().map(|&(t, p)| (changelog.topics.name(t), p)).collect();
+        let mut numbers: Vec<i32> = named.iter().map(|(_, p)| *p).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        let (kafka, topic) = (changelog.kafka.clone(), changelog.kafka.thresholds_topic.clone());
+        let started = Instant::now();
+        let read = tokio::task::spawn_blocking(move || read_to_end(&kafka, &topic, &numbers, REPLAY_TIMEOUT)).await;
+        let records = match read.map_err(anyhow::Error::from).and_then(|r| r) {
+            Ok(records) => records,
+            Err(error) => {
+                error!(error = format!("{error:#}"), "Thresholds' changelog not replayed; the assigned partitions' series warm up.");
+                return;
+            }
+        };
+        let owner = self.model.model.score_owner();
+        let found = self.judge.thresholds.replay(records, &named, &owner);
+        let m = &self.metrics;
+        m.threshold_changelog.with_label_values(&["restored"]).inc_by(found.restored as u64);
+        m.threshold_resets.with_label_values(&["state_foreign"]).inc_by(found.foreign as u64);
+        m.threshold_resets.with_label_values(&["state_corrupt"]).inc_by(found.corrupt as u64);
+        info!(partitions = ?named, restored = found.restored, foreign = found.foreign, corrupt = found.corrupt,
+            secs = started.elapsed().as_secs_f64(), "Thresholds replayed from the changelog.");
         self.update_threshold_gauges();
     }
 
@@ -192,6 +280,9 @@ impl AlertStage {
             self.judge.set_rules(&self.rules.borrow_and_update());
         }
         self.follow_model(&batch.model);
+        if !batch.assigned.is_empty() {
+            self.replay(&batch.assigned).await;
+        }
         let rules = self.rules.borrow().clone();
         let (w, f) = batch.model.dims();
         let windows = as_windows(&batch.windows, w, f);
@@ -210,6 +301,9 @@ impl AlertStage {
                 latest: windows.slice(s![i, w - 1, ..]).to_slice().expect("a window's rows are contiguous"),
             };
             let Judged { threshold, anomaly_score, event } = self.judge.window(&rules, obs);
+            if let Some(changelog) = &mut self.changelog {
+                changelog.judged(&meta.series, meta.input);
+            }
             m.windows_scored.inc();
             if anomaly_score > 1.0 {
                 m.anomalous_windows.inc();
@@ -238,7 +332,9 @@ impl AlertStage {
             let firing = self.judge.tracker.state(&meta.series) == AlertState::Firing;
             m.series_score(&meta.series, anomaly_score, threshold, firing);
         }
-        for series in &batch.evicted {
+        // A revoked series' last state goes to its new owner; an idle one's is dropped there too.
+        for (series, revoked) in batch.revoked.iter().map(|s| (s, true)).chain(batch.evicted.iter().map(|s| (s, false))) {
+            self.hand_over(series, revoked, out).await;
             let forgotten = self.judge.forget(series);
             if forgotten.firing {
                 info!(series = %series, "Series dropped (idle, or its partition revoked) while its alert was firing.");
@@ -252,6 +348,19 @@ impl AlertStage {
         m.set_firing_series(self.judge.tracker.firing());
         self.update_threshold_gauges();
         self.flush();
+    }
+
+    /// A series leaves this consumer: its state (revoked) or a tombstone (idle) to the changelog.
+    async fn hand_over(&mut self, series: &str, revoked: bool, out: &mut Vec<(DeliveryFuture, KafkaOutput)>) {
+        let (Some(changelog), Some(sinks)) = (&mut self.changelog, &self.sinks) else { return };
+        let Some(placed) = changelog.placed.remove(series) else { return };
+        let (topic, partition) = (changelog.topics.name(placed.input.0), placed.input.1);
+        let state = revoked.then(|| self.judge.thresholds.change(series, &topic, &self.model.model.score_owner())).flatten();
+        let event = if state.is_some() { "written" } else { "tombstone" };
+        if let Some(delivery) = sinks.threshold(series, partition, state.as_deref()).await {
+            out.push((delivery, KafkaOutput::Thresholds));
+            self.metrics.threshold_changelog.with_label_values(&[event]).inc();
+        }
     }
 
     async fn emit(&mut self, event: Event, model: &str, out: &mut Vec<(DeliveryFuture, KafkaOutput)>) {

@@ -32,6 +32,12 @@ pub struct Batch {
     /// Series evicted (idle) since the previous batch: the alert stage forgets them after this
     /// batch's windows, so their per-series state and gauges go too.
     evicted: Vec<String>,
+    /// Series of partitions revoked since the previous batch: forgotten as `evicted` are, their
+    /// threshold state handed to the thresholds' changelog first.
+    revoked: Vec<String>,
+    /// Partitions assigned since the previous batch (topic index, partition): the alert stage
+    /// replays their thresholds from the changelog before this batch's windows.
+    assigned: Vec<(usize, i32)>,
     /// Kafka offsets safe to store once this batch is scored.
     acks: Acks,
     /// Dead letters enqueued since the previous batch: delivered before the batch's offsets are
@@ -42,12 +48,24 @@ pub struct Batch {
 impl Batch {
     /// No windows yet, for `model`.
     pub fn empty(seq: u64, model: Arc<ModelInUse>) -> Batch {
-        Batch { seq, model, windows: Vec::new(), meta: Vec::new(), evicted: Vec::new(), acks: Acks::default(), deliveries: Vec::new() }
+        Batch {
+            seq,
+            model,
+            windows: Vec::new(),
+            meta: Vec::new(),
+            evicted: Vec::new(),
+            revoked: Vec::new(),
+            assigned: Vec::new(),
+            acks: Acks::default(),
+            deliveries: Vec::new(),
+        }
     }
 }
 
 pub struct WindowInfo {
     series: String,
+    /// The Kafka partition of its last record (topic index, partition).
+    input: Option<(usize, i32)>,
     start_ts: f64,
     end_ts: f64,
 }

@@ -17,7 +17,7 @@ use crate::model::Model;
 use crate::preprocess::Preprocessor;
 use crate::record::{LineParser, RawRecord, Value};
 use crate::sink::kafka::{KafkaOutput, KafkaSinks};
-use crate::source::offsets::{Acks, OffsetTracker};
+use crate::source::offsets::OffsetTracker;
 use crate::source::{Ack, Input, Origin};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::LogEvery;
@@ -140,14 +140,10 @@ impl WindowStage {
         let (w, f) = self.model.dims();
         self.seq += 1;
         Batch {
-            seq: self.seq - 1,
-            model: self.model.clone(),
             // Reserve for a typical batch, not for a huge configured maximum.
             windows: Vec::with_capacity(self.batch_max.min(256) * w * f),
             meta: Vec::with_capacity(self.batch_max.min(256)),
-            evicted: Vec::new(),
-            acks: Acks::default(),
-            deliveries: Vec::new(),
+            ..Batch::empty(self.seq - 1, self.model.clone())
         }
     }
 
@@ -159,7 +155,8 @@ impl WindowStage {
             self.batch.acks = self.offsets.as_ref().map(OffsetTracker::safe).unwrap_or_default();
         }
         let idle = self.batch.acks.is_empty() && self.batch.deliveries.is_empty();
-        if self.batch.meta.is_empty() && self.batch.evicted.is_empty() && idle {
+        let moved = !(self.batch.evicted.is_empty() && self.batch.revoked.is_empty() && self.batch.assigned.is_empty());
+        if self.batch.meta.is_empty() && !moved && idle {
             return true;
         }
         let next = self.new_batch();
@@ -214,7 +211,8 @@ impl WindowStage {
         }
         match pushed.outcome {
             Outcome::Window { start_ts, end_ts } => {
-                self.batch.meta.push(WindowInfo { series: record.series, start_ts, end_ts });
+                let input = ack.map(|a| (a.topic, a.partition));
+                self.batch.meta.push(WindowInfo { series: record.series, input, start_ts, end_ts });
                 let wait = self.batch_wait;
                 self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
             }
@@ -306,7 +304,7 @@ impl WindowStage {
         self.offsets_dirty = true;
         self.windower.drop_series(&gone);
         info!(partitions = partitions.len(), series = gone.len(), "Dropped the window state of revoked partitions' series.");
-        self.batch.evicted.extend(gone);
+        self.batch.revoked.extend(gone);
         self.flush(tx).await
     }
 
@@ -355,6 +353,10 @@ impl WindowStage {
                         true
                     }
                     Input::Revoked(partitions) => self.revoke(&partitions, &tx).await,
+                    Input::Assigned(partitions) => {
+                        self.batch.assigned.extend(partitions);
+                        true
+                    }
                 };
                 if !alive {
                     return;

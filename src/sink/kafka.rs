@@ -1,4 +1,5 @@
-//! The Kafka outputs: dead letters, scores and alert events, through one idempotent producer.
+//! The Kafka outputs: dead letters, scores, alert events and the thresholds' changelog, through
+//! one idempotent producer.
 
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ pub enum KafkaOutput {
     DeadLetter(&'static str),
     Score,
     Alert,
+    /// A series' threshold state, or its tombstone.
+    Thresholds,
 }
 
 impl KafkaOutput {
@@ -27,11 +30,13 @@ impl KafkaOutput {
             KafkaOutput::DeadLetter(_) => "dead_letter",
             KafkaOutput::Score => "score",
             KafkaOutput::Alert => "alert",
+            KafkaOutput::Thresholds => "thresholds",
         }
     }
 }
 
-/// The Kafka outputs: dead letters, scores and alert events, through one idempotent producer.
+/// The Kafka outputs: dead letters, scores, alert events and the thresholds' changelog, through
+/// one idempotent producer.
 #[derive(Clone)]
 pub struct KafkaSinks {
     producer: FutureProducer,
@@ -39,20 +44,21 @@ pub struct KafkaSinks {
     dead_letter_topic: Option<String>,
     scores_topic: Option<String>,
     alerts_topic: Option<String>,
+    thresholds_topic: Option<String>,
 }
 
 impl KafkaSinks {
     /// `None` when no output topic is configured.
     pub fn new(cfg: &KafkaConfig, topics: Topics) -> Result<Option<KafkaSinks>> {
         let topic = |t: &str| (!t.is_empty()).then(|| t.to_string());
-        let sinks = (topic(&cfg.dead_letter_topic), topic(&cfg.scores_topic), topic(&cfg.alerts_topic));
-        if sinks == (None, None, None) {
+        let sinks = (topic(&cfg.dead_letter_topic), topic(&cfg.scores_topic), topic(&cfg.alerts_topic), topic(&cfg.thresholds_topic));
+        if sinks == (None, None, None, None) {
             return Ok(None);
         }
         let producer: FutureProducer =
             client_config(cfg).set("enable.idempotence", "true").create().context("kafka: creating the producer")?;
-        let (dead_letter_topic, scores_topic, alerts_topic) = sinks;
-        Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, scores_topic, alerts_topic }))
+        let (dead_letter_topic, scores_topic, alerts_topic, thresholds_topic) = sinks;
+        Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, scores_topic, alerts_topic, thresholds_topic }))
     }
 
     /// Whether `dead_letter_topic` is configured (`dead_letter` sends).
@@ -116,6 +122,18 @@ impl KafkaSinks {
     pub async fn alert(&self, series: &str, event: &str) -> Option<DeliveryFuture> {
         let topic = self.alerts_topic.as_ref()?;
         self.send(FutureRecord::to(topic).key(series.as_bytes()).payload(event.as_bytes())).await
+    }
+
+    /// A series' threshold state (`None`: a tombstone) to the changelog's partition of the same
+    /// number as the series' input `partition`.
+    pub async fn threshold(&self, series: &str, partition: i32, state: Option<&str>) -> Option<DeliveryFuture> {
+        let topic = self.thresholds_topic.as_ref()?;
+        let record = FutureRecord::to(topic).key(series.as_bytes()).partition(partition);
+        self.send(match state {
+            Some(state) => record.payload(state.as_bytes()),
+            None => record,
+        })
+        .await
     }
 
     /// Waits (bounded) for everything enqueued to be delivered: at shutdown, before the commit.

@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
-use rdkafka::TopicPartitionList;
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -26,6 +26,7 @@ use super::{Ack, Input, Origin, MAX_LINE_BATCH};
 use crate::config::KafkaConfig;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::LogEvery;
+use crate::threshold::store::Record;
 
 /// Topic names by index: positions carry the index, and a regex subscription finds new topics
 /// at run time.
@@ -58,14 +59,15 @@ pub(crate) fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// Partitions taken from this consumer, by topic name: from the rebalance callback to the source task.
-type Revoked = Vec<(String, i32)>;
+/// Partitions given to (`true`) or taken from this consumer, by topic name: from the rebalance
+/// callback to the source task.
+type Moved = (bool, Vec<(String, i32)>);
 
 /// librdkafka's callbacks: consumer lag per partition (from its statistics), rebalances and
-/// commits as metrics; on a revoke, the commit and the marker for the window stage.
+/// commits as metrics; on a revoke, the commit; on either, the marker for the window stage.
 pub struct Observed {
     metrics: Arc<Metrics>,
-    revoked: mpsc::UnboundedSender<Revoked>,
+    moved: mpsc::UnboundedSender<Moved>,
 }
 
 impl ClientContext for Observed {
@@ -103,7 +105,7 @@ impl ConsumerContext for Observed {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(error) => warn!(%error, "Kafka commit on revoke failed; the new owner replays from the previous commit."),
         }
-        let _ = self.revoked.send(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect());
+        let _ = self.moved.send((false, topic_partitions(tpl)));
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -111,6 +113,7 @@ impl ConsumerContext for Observed {
             Rebalance::Assign(tpl) => {
                 self.metrics.assigned_partitions.add(tpl.count() as i64);
                 info!(partitions = ?partitions(tpl), "Kafka partitions assigned.");
+                let _ = self.moved.send((true, topic_partitions(tpl)));
                 "assign"
             }
             Rebalance::Revoke(tpl) => {
@@ -147,13 +150,17 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<String> {
     tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect()
 }
 
+fn topic_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
+}
+
 type ObservedConsumer = StreamConsumer<Observed>;
 
 /// Reads the subscribed topics; each message goes down the line queue with its [`Origin`].
 pub struct KafkaSource {
     consumer: Arc<ObservedConsumer>,
     topics: Topics,
-    revoked: mpsc::UnboundedReceiver<Revoked>,
+    moved: mpsc::UnboundedReceiver<Moved>,
     /// Consume errors: counted, logged at a limited rate (a broker outage gives one per poll).
     errors: LogEvery,
 }
@@ -180,19 +187,19 @@ pub fn connect(cfg: &KafkaConfig, topics: Topics, metrics: Arc<Metrics>) -> Resu
             client.set(key, value);
         }
     }
-    let (revoked_tx, revoked) = mpsc::unbounded_channel();
+    let (moved_tx, moved) = mpsc::unbounded_channel();
     let consumer: ObservedConsumer = client
         .set("group.id", &cfg.group_id)
         .set("auto.offset.reset", &cfg.auto_offset_reset)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        .create_with_context(Observed { metrics, revoked: revoked_tx })
+        .create_with_context(Observed { metrics, moved: moved_tx })
         .context("kafka: creating the consumer")?;
     let names: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names).with_context(|| format!("kafka.topics: subscribing to {names:?}"))?;
     let consumer = Arc::new(consumer);
     Ok((
-        KafkaSource { consumer: consumer.clone(), topics: topics.clone(), revoked, errors: LogEvery::default() },
+        KafkaSource { consumer: consumer.clone(), topics: topics.clone(), moved, errors: LogEvery::default() },
         KafkaHandle { consumer, topics },
     ))
 }
@@ -207,8 +214,8 @@ impl KafkaSource {
             let first = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                Some(revoked) = self.revoked.recv() => {
-                    let marker = revoke_marker(&self.topics, revoked);
+                Some(moved) = self.moved.recv() => {
+                    let marker = rebalance_marker(&self.topics, moved);
                     if tx.send(vec![marker]).await.is_err() {
                         break;
                     }
@@ -231,12 +238,13 @@ impl KafkaSource {
         info!("Kafka source stopped.");
     }
 
-    /// Appends a received message (or counts the error), after the revoke markers of any
-    /// rebalance callback that ran while receiving it: those partitions' earlier records are
-    /// already in the batch, and this message may be from after the rebalance.
+    /// Appends a received message (or counts the error), after the markers of any rebalance
+    /// callback that ran while receiving it: a revoked partition's earlier records are already in
+    /// the batch, and this message may be from after the rebalance (from an assigned partition,
+    /// say).
     fn take(&mut self, msg: KafkaResult<BorrowedMessage<'_>>, batch: &mut Vec<Input>, metrics: &Metrics) {
-        while let Ok(partitions) = self.revoked.try_recv() {
-            batch.push(revoke_marker(&self.topics, partitions));
+        while let Ok(moved) = self.moved.try_recv() {
+            batch.push(rebalance_marker(&self.topics, moved));
         }
         let msg = match msg {
             Ok(m) => m,
@@ -259,8 +267,54 @@ impl KafkaSource {
     }
 }
 
-fn revoke_marker(topics: &Topics, revoked: Revoked) -> Input {
-    Input::Revoked(revoked.iter().map(|(topic, p)| (topics.index(topic), *p)).collect())
+fn rebalance_marker(topics: &Topics, (assigned, partitions): Moved) -> Input {
+    let partitions = partitions.iter().map(|(topic, p)| (topics.index(topic), *p)).collect();
+    if assigned {
+        Input::Assigned(partitions)
+    } else {
+        Input::Revoked(partitions)
+    }
+}
+
+/// Every record of `partitions` of `topic` (a compacted topic: the thresholds' changelog) from
+/// its start to its end as of now, oldest first, by a consumer of no group; blocking.
+pub fn read_to_end(cfg: &KafkaConfig, topic: &str, partitions: &[i32], timeout: std::time::Duration) -> Result<Vec<Record>> {
+    let consumer: BaseConsumer = client_config(cfg)
+        .set("group.id", format!("{}-changelog-reader", cfg.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("kafka: creating the changelog reader")?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = std::collections::HashMap::new();
+    for &p in partitions {
+        let (low, high) =
+            consumer.fetch_watermarks(topic, p, timeout).with_context(|| format!("kafka.thresholds_topic: {topic} partition {p}"))?;
+        if high > low {
+            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+            ends.insert(p, high);
+        }
+    }
+    let mut records = Vec::new();
+    if ends.is_empty() {
+        return Ok(records);
+    }
+    consumer.assign(&assignment).context("kafka: assigning the changelog's partitions")?;
+    while !ends.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            anyhow::bail!("kafka.thresholds_topic: {topic}: partitions {:?} not read to their end in {timeout:?}", ends.keys());
+        }
+        let Some(msg) = consumer.poll(left) else { continue };
+        let msg = msg.with_context(|| format!("kafka.thresholds_topic: reading {topic}"))?;
+        if ends.get(&msg.partition()).is_some_and(|&end| msg.offset() + 1 >= end) {
+            ends.remove(&msg.partition());
+        }
+        let Some(series) = msg.key().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
+        records.push(Record { series: series.to_string(), partition: msg.partition(), value: msg.payload().map(<[u8]>::to_vec) });
+    }
+    Ok(records)
 }
 
 /// The future's output if it is ready without waiting.

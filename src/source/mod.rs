@@ -24,6 +24,8 @@ pub enum Input {
     Undecodable(Vec<u8>, Origin),
     /// Partitions this consumer no longer owns (after the records it read from them).
     Revoked(Vec<(usize, i32)>),
+    /// Partitions this consumer now owns (before the records it reads from them).
+    Assigned(Vec<(usize, i32)>),
     Bad {
         reason: &'static str,
         detail: String,

@@ -70,6 +70,7 @@ pub struct Metrics {
     pub threshold_series: IntGaugeVec,
     pub threshold_resets: IntCounterVec,
     pub threshold_saves: IntCounterVec,
+    pub threshold_changelog: IntCounterVec,
     pub window_bytes: IntGauge,
     pub anomaly_score: GaugeVec,
     /// The raw score that is anomaly_score 1.0 for the series now (`[thresholds]`).
@@ -233,6 +234,12 @@ impl Metrics {
                 &["reason"],
             ),
             threshold_saves: counter_vec(&r, "anomalyd_threshold_state_saves_total", "Saves of the threshold state file, by result.", &["result"]),
+            threshold_changelog: counter_vec(
+                &r,
+                "anomalyd_threshold_changelog_records_total",
+                "Records of the thresholds' changelog topic, by event (written, tombstone: sent; restored: series taken over from it).",
+                &["event"],
+            ),
             window_bytes: gauge(&r, "anomalyd_window_bytes", "Bytes held by window buffers."),
             series_metrics_dropped: counter(
                 &r,
@@ -254,7 +261,7 @@ impl Metrics {
             produce_errors: counter_vec(
                 &r,
                 "anomalyd_kafka_produce_errors_total",
-                "Kafka messages not delivered, by output (dead_letter, score, alert).",
+                "Kafka messages not delivered, by output (dead_letter, score, alert, thresholds).",
                 &["output"],
             ),
             anomaly_score,
@@ -284,7 +291,7 @@ impl Metrics {
             m.reloads.with_label_values(&[result]).reset();
             m.commits.with_label_values(&[result]).reset();
         }
-        for output in ["dead_letter", "score", "alert"] {
+        for output in ["dead_letter", "score", "alert", "thresholds"] {
             m.produce_errors.with_label_values(&[output]).reset();
         }
         for reason in ["model_changed", "state_foreign", "state_corrupt", "series_dropped"] {
@@ -292,6 +299,9 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             m.threshold_saves.with_label_values(&[result]).reset();
+        }
+        for event in ["written", "tombstone", "restored"] {
+            m.threshold_changelog.with_label_values(&[event]).reset();
         }
         for phase in ["warming", "own"] {
             m.threshold_series.with_label_values(&[phase]).set(0);

@@ -264,10 +264,7 @@ impl Thresholds {
         }
         if self.series.get(series).is_none_or(|s| s.mode() != choice.mode) {
             let fresh = self.start(choice);
-            self.warming += usize::from(matches!(fresh, State::Warming(_)));
-            if let Some(State::Warming(_)) = self.series.insert(series.to_owned(), fresh) {
-                self.warming -= 1;
-            }
+            self.put(series.to_owned(), fresh);
         }
         let state = self.series.get_mut(series).expect("inserted above");
         // A new risk (a reload, an override) moves the threshold before this window is judged.
@@ -321,6 +318,14 @@ impl Thresholds {
             }
         }
         in_force
+    }
+
+    /// Sets a series' state, replacing what it had.
+    fn put(&mut self, series: String, state: State) {
+        self.warming += usize::from(matches!(state, State::Warming(_)));
+        if let Some(State::Warming(_)) = self.series.insert(series, state) {
+            self.warming -= 1;
+        }
     }
 
     /// Drops a series (idle eviction, revoked partition); true when it had a threshold state.

@@ -143,6 +143,86 @@ struct LineRef<'a> {
     state: &'a State,
 }
 
+/// A series' value in the thresholds' changelog topic (keyed by series, written to the number of
+/// its input partition): the input topic, whose scale, and the state. A tombstone drops it.
+#[derive(Serialize)]
+struct ChangeRef<'a> {
+    topic: &'a str,
+    owner: &'a Owner,
+    state: &'a State,
+}
+
+#[derive(Deserialize)]
+struct Change {
+    topic: String,
+    owner: Owner,
+    state: State,
+}
+
+/// A changelog record read back: its key (the series), its partition, its value (`None`: a
+/// tombstone).
+pub struct Record {
+    pub series: String,
+    pub partition: i32,
+    pub value: Option<Vec<u8>>,
+}
+
+/// What a changelog replay found, by series (the newest record of each).
+#[derive(Debug, Default, PartialEq)]
+pub struct Replayed {
+    pub restored: usize,
+    /// Learnt with another model or scale.
+    pub foreign: usize,
+    /// Not a state, or one that does not hold together.
+    pub corrupt: usize,
+}
+
+impl Thresholds {
+    /// `series`' changelog value; `None` when it has no state (static mode).
+    pub fn change(&self, series: &str, topic: &str, owner: &Owner) -> Option<String> {
+        let state = self.series.get(series)?;
+        Some(serde_json::to_string(&ChangeRef { topic, owner, state }).expect("states serialise"))
+    }
+
+    /// Restores the series of the changelog `records` (oldest first) that belong to the input
+    /// partitions `assigned` (topic name, partition), replacing what is held for them.
+    pub fn replay(&mut self, records: Vec<Record>, assigned: &[(String, i32)], owner: &Owner) -> Replayed {
+        enum Newest {
+            State(State),
+            Foreign,
+            Corrupt,
+            Dropped,
+        }
+        let mut newest = HashMap::new();
+        for Record { series, partition, value } in records {
+            let Some(value) = value else {
+                newest.insert(series, Newest::Dropped);
+                continue;
+            };
+            let change = match serde_json::from_slice::<Change>(&value) {
+                Ok(c) if !assigned.iter().any(|(t, p)| *t == c.topic && *p == partition) => continue,
+                Ok(c) if c.owner != *owner => Newest::Foreign,
+                Ok(c) if c.state.is_sound() => Newest::State(c.state),
+                _ => Newest::Corrupt,
+            };
+            newest.insert(series, change);
+        }
+        let mut found = Replayed::default();
+        for (series, change) in newest {
+            match change {
+                Newest::State(state) => {
+                    self.put(series, state);
+                    found.restored += 1;
+                }
+                Newest::Foreign => found.foreign += 1,
+                Newest::Corrupt => found.corrupt += 1,
+                Newest::Dropped => {}
+            }
+        }
+        found
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{Mode, ModelThreshold, Settings};
