@@ -166,6 +166,9 @@ impl AlertStage {
                 deliveries.push((delivery, KafkaOutput::Thresholds));
             }
         }
+        if deliveries.is_empty() {
+            return;
+        }
         self.metrics.threshold_changelog.with_label_values(&["written"]).inc_by(deliveries.len() as u64);
         let _ = committer.send(super::commit::Pending { deliveries, acks: Default::default() }).await;
     }
@@ -356,6 +359,9 @@ impl AlertStage {
         let Some(placed) = changelog.placed.remove(series) else { return };
         let (topic, partition) = (changelog.topics.name(placed.input.0), placed.input.1);
         let state = revoked.then(|| self.judge.thresholds.change(series, &topic, &self.model.model.score_owner())).flatten();
+        if revoked && state.is_none() {
+            return; // Nothing to hand over (a static threshold).
+        }
         let event = if state.is_some() { "written" } else { "tombstone" };
         if let Some(delivery) = sinks.threshold(series, partition, state.as_deref()).await {
             out.push((delivery, KafkaOutput::Thresholds));

@@ -276,8 +276,9 @@ fn rebalance_marker(topics: &Topics, (assigned, partitions): Moved) -> Input {
     }
 }
 
-/// Every record of `partitions` of `topic` (a compacted topic: the thresholds' changelog) from
-/// its start to its end as of now, oldest first, by a consumer of no group; blocking.
+/// The newest record of each key in `partitions` of `topic` (a compacted topic: the thresholds'
+/// changelog), read from their start to their end as of now by a consumer of no group; blocking.
+/// A key that is not UTF-8 is read lossily (its value then fails to restore and is counted).
 pub fn read_to_end(cfg: &KafkaConfig, topic: &str, partitions: &[i32], timeout: std::time::Duration) -> Result<Vec<Record>> {
     let consumer: BaseConsumer = client_config(cfg)
         .set("group.id", format!("{}-changelog-reader", cfg.group_id))
@@ -296,25 +297,27 @@ pub fn read_to_end(cfg: &KafkaConfig, topic: &str, partitions: &[i32], timeout: 
             ends.insert(p, high);
         }
     }
-    let mut records = Vec::new();
+    // Only the newest value of a key is kept: a changelog not yet compacted holds many.
+    let mut newest = std::collections::HashMap::new();
     if ends.is_empty() {
-        return Ok(records);
+        return Ok(Vec::new());
     }
     consumer.assign(&assignment).context("kafka: assigning the changelog's partitions")?;
     while !ends.is_empty() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
+        if std::time::Instant::now() >= deadline {
             anyhow::bail!("kafka.thresholds_topic: {topic}: partitions {:?} not read to their end in {timeout:?}", ends.keys());
         }
-        let Some(msg) = consumer.poll(left) else { continue };
-        let msg = msg.with_context(|| format!("kafka.thresholds_topic: reading {topic}"))?;
-        if ends.get(&msg.partition()).is_some_and(|&end| msg.offset() + 1 >= end) {
-            ends.remove(&msg.partition());
+        if let Some(msg) = consumer.poll(std::time::Duration::from_millis(100)) {
+            let msg = msg.with_context(|| format!("kafka.thresholds_topic: reading {topic}"))?;
+            let series = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+            newest.insert((msg.partition(), series), msg.payload().map(<[u8]>::to_vec));
         }
-        let Some(series) = msg.key().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
-        records.push(Record { series: series.to_string(), partition: msg.partition(), value: msg.payload().map(<[u8]>::to_vec) });
+        // Done with a partition once its position passed the end: the last offsets may hold no
+        // record (compacted away).
+        let positions = consumer.position().context("kafka: the changelog reader's position")?;
+        ends.retain(|&p, &mut end| positions.find_partition(topic, p).and_then(|e| e.offset().to_raw()).is_none_or(|at| at < end));
     }
-    Ok(records)
+    Ok(newest.into_iter().map(|((partition, series), value)| Record { series, partition, value }).collect())
 }
 
 /// The future's output if it is ready without waiting.

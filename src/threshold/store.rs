@@ -167,7 +167,7 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
 }
 
-/// What a changelog replay found, by series (the newest record of each).
+/// What a changelog replay found.
 #[derive(Debug, Default, PartialEq)]
 pub struct Replayed {
     pub restored: usize,
@@ -184,39 +184,21 @@ impl Thresholds {
         Some(serde_json::to_string(&ChangeRef { topic, owner, state }).expect("states serialise"))
     }
 
-    /// Restores the series of the changelog `records` (oldest first) that belong to the input
-    /// partitions `assigned` (topic name, partition), replacing what is held for them.
+    /// Restores the series of the changelog `records` (the newest of each key; tombstones drop
+    /// nothing here) that belong to the input partitions `assigned` (topic name, partition),
+    /// replacing what is held for them.
     pub fn replay(&mut self, records: Vec<Record>, assigned: &[(String, i32)], owner: &Owner) -> Replayed {
-        enum Newest {
-            State(State),
-            Foreign,
-            Corrupt,
-            Dropped,
-        }
-        let mut newest = HashMap::new();
-        for Record { series, partition, value } in records {
-            let Some(value) = value else {
-                newest.insert(series, Newest::Dropped);
-                continue;
-            };
-            let change = match serde_json::from_slice::<Change>(&value) {
-                Ok(c) if !assigned.iter().any(|(t, p)| *t == c.topic && *p == partition) => continue,
-                Ok(c) if c.owner != *owner => Newest::Foreign,
-                Ok(c) if c.state.is_sound() => Newest::State(c.state),
-                _ => Newest::Corrupt,
-            };
-            newest.insert(series, change);
-        }
         let mut found = Replayed::default();
-        for (series, change) in newest {
-            match change {
-                Newest::State(state) => {
-                    self.put(series, state);
+        for Record { series, partition, value } in records {
+            let Some(value) = value else { continue };
+            match serde_json::from_slice::<Change>(&value) {
+                Ok(c) if !assigned.iter().any(|(t, p)| *t == c.topic && *p == partition) => {}
+                Ok(c) if c.owner != *owner => found.foreign += 1,
+                Ok(c) if c.state.is_sound() => {
+                    self.put(series, c.state);
                     found.restored += 1;
                 }
-                Newest::Foreign => found.foreign += 1,
-                Newest::Corrupt => found.corrupt += 1,
-                Newest::Dropped => {}
+                _ => found.corrupt += 1,
             }
         }
         found
