@@ -13,7 +13,6 @@
 //! at once.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
@@ -34,12 +33,13 @@ use crate::pipeline::commit::Committer;
 use crate::pipeline::dispatch::dispatch;
 use crate::pipeline::window_stage::{flow_input, RecordInput, WindowStage};
 use crate::preprocess::Preprocessor;
-use crate::record::{CsvParser, LineParser};
+use crate::record::{CsvParser, FieldMap, LineParser};
 use crate::sink::kafka::KafkaSinks;
-use crate::sink::{open_scores, open_sink};
-use crate::source::kafka::Topics;
+use crate::sink::{open_scores, open_sink, JsonLines};
+use crate::source::kafka::{KafkaHandle, KafkaSource, Topics};
 use crate::source::lines::read_source;
 use crate::source::LINE_QUEUE;
+use crate::supervisor::{Ends, Health, Tasks};
 use crate::telemetry::metrics::Metrics;
 use crate::threshold::{Mode, Thresholds};
 use crate::window::{WindowSpec, Windower};
@@ -47,50 +47,51 @@ use crate::window::{WindowSpec, Windower};
 /// Handled batches whose outputs are still being delivered, at most.
 const COMMIT_QUEUE: usize = 1024;
 
-/// Loads and checks everything `run` would, without starting: `anomalyd validate`. That
-/// includes ONNX Runtime scoring a window with the bundle.
-pub fn validate(cfg: &Config) -> Result<String> {
-    let model = Model::load(&cfg.model.path)?;
-    let map = field_map(cfg, &model, &Preprocessor::new(&model.meta))?;
-    build_scorers(&crate::onnxruntime::init(onnxruntime_library(cfg))?, &model, 1)?;
-    if cfg.source.kind == SourceKind::File && !cfg.source.path.is_file() {
-        return Err(anyhow!("source.path: {} is not a readable file", cfg.source.path.display()));
-    }
-    Ok(format!(
-        "model {} ({:?}, W={}, F={}), {} record fields, series by {:?}, time from {:?}; threshold {}",
-        model.meta.name,
-        model.meta.model_kind,
-        model.window_len(),
-        model.n_features(),
-        map.fields.len(),
-        map.series,
-        map.timestamp.as_ref().map(|t| &t.0),
-        model.meta.thresholds.describe()
-    ))
+/// An error of the config, the bundle or the input, found before any record is processed: exit
+/// code 2, which systemd does not restart on (`RestartPreventExitStatus=2`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct Refused(anyhow::Error);
+
+fn refused(error: impl Into<anyhow::Error>) -> anyhow::Error {
+    Refused(error.into()).into()
 }
 
-/// `scoring.onnxruntime_library`, when set.
-fn onnxruntime_library(cfg: &Config) -> Option<&Path> {
-    (!cfg.scoring.onnxruntime_library.is_empty()).then(|| Path::new(&cfg.scoring.onnxruntime_library))
+/// What `run` builds before it reads a record, each part checked: `validate` builds it too.
+struct Prepared {
+    model: Model,
+    metrics: Arc<Metrics>,
+    env: ort::environment::Environment,
+    scorers: Vec<crate::model::Scorer>,
+    map: FieldMap,
+    input: RecordInput,
+    reader: Option<BufReader<Box<dyn AsyncRead + Unpin + Send>>>,
+    default_series: String,
+    listener: tokio::net::TcpListener,
+    topics: Topics,
+    sinks: Option<KafkaSinks>,
+    kafka: Option<(KafkaSource, KafkaHandle)>,
+    sink: JsonLines,
+    scores: Option<JsonLines>,
 }
 
-/// Starts everything and runs until the source ends and a signal arrives, or a signal drains it.
-pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: CancellationToken) -> Result<()> {
-    let model = Model::load(&cfg.model.path)?;
+/// The bundle loaded and test-run, the mapping checked against it (and against a file's CSV
+/// header), the source opened, the outputs opened, the admin port bound and the Kafka clients
+/// created (which checks their properties). A failure is [`Refused`], but for the admin port:
+/// a port still held by the previous process is worth a restart.
+async fn prepare(cfg: &Config, workers: usize) -> Result<Prepared> {
+    let model = Model::load(&cfg.model.path).map_err(refused)?;
     let metrics = Arc::new(Metrics::new(cfg.admin.max_series_metrics));
-    let env = crate::onnxruntime::init(onnxruntime_library(&cfg))?;
-    let scorers = build_scorers(&env, &model, cfg.scoring.workers)?;
-    let pre = Preprocessor::new(&model.meta);
-    let map = field_map(&cfg, &model, &pre)?;
-    let map_series = map.series.clone();
-    let in_use = Arc::new(ModelInUse::new(model.clone(), cfg.model.threshold));
-    publish_model(&metrics, None, &in_use);
+    let env = crate::onnxruntime::init(onnxruntime_library(cfg)).map_err(refused)?;
+    let scorers = build_scorers(&env, &model, workers).map_err(refused)?;
+    let map = field_map(cfg, &model, &Preprocessor::new(&model.meta)).map_err(refused)?;
 
     let (reader, default_series): (Option<Box<dyn AsyncRead + Unpin + Send>>, String) = match cfg.source.kind {
         SourceKind::File => {
             let file = tokio::fs::File::open(&cfg.source.path)
                 .await
-                .with_context(|| format!("source.path: cannot open {}", cfg.source.path.display()))?;
+                .with_context(|| format!("source.path: cannot open {}", cfg.source.path.display()))
+                .map_err(refused)?;
             let name = cfg.source.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             (Some(Box::new(file)), name)
         }
@@ -106,36 +107,86 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
             // A file's header is there now: a field it lacks is a start-up error.
             let mut first = String::new();
             let reader = reader.as_mut().expect("a file source has a reader");
-            reader.read_line(&mut first).await.context("source: reading the CSV header")?;
+            reader.read_line(&mut first).await.context("source: reading the CSV header").map_err(refused)?;
             Some(CsvParser::header(&first, delimiter))
         }
         _ => None, // stdin: the first line is the header (Kafka CSV names its columns: validated)
     };
-    let parser = cfg
-        .source
-        .format
-        .line_format()
-        .map(|format| LineParser::for_format(format, map, header.as_deref(), delimiter))
-        .transpose()
-        .map_err(|e| anyhow!("source: CSV header: {e}"))?;
+    let input = match cfg.source.format.line_format() {
+        Some(format) => RecordInput::Lines(
+            LineParser::for_format(format, map.clone(), header.as_deref(), delimiter)
+                .map_err(|e| refused(anyhow!("source: CSV header: {e}")))?,
+        ),
+        None => RecordInput::Flows(flow_input(&model, cfg).map_err(refused)?),
+    };
 
     let listener =
         tokio::net::TcpListener::bind(cfg.admin.listen).await.with_context(|| format!("admin.listen: cannot bind {}", cfg.admin.listen))?;
+    let topics = Topics::default();
+    let (sinks, kafka) = match cfg.source.kind {
+        SourceKind::Kafka => (
+            KafkaSinks::new(&cfg.kafka, topics.clone()).map_err(refused)?,
+            Some(crate::source::kafka::connect(&cfg.kafka, topics.clone(), metrics.clone()).map_err(refused)?),
+        ),
+        _ => (None, None),
+    };
+    let sink = open_sink(cfg, metrics.clone()).map_err(refused)?;
+    let scores = open_scores(cfg, metrics.clone()).map_err(refused)?;
+    Ok(Prepared { model, metrics, env, scorers, map, input, reader, default_series, listener, topics, sinks, kafka, sink, scores })
+}
+
+/// Checks everything `run` would before it processes a record, without starting: `anomalyd
+/// validate`. That includes ONNX Runtime scoring test batches with the bundle, and opening (so
+/// creating, when missing) the output files.
+pub async fn validate(cfg: &Config) -> Result<String> {
+    let Prepared { model, map, .. } = prepare(cfg, 1).await?;
+    Ok(summary(&model, &map))
+}
+
+/// Checks what a reload of the running daemon would (`anomalyd validate --reload`, systemd's
+/// `ExecReload`): the config and its bundle; the admin port, the source and the outputs stay
+/// the running daemon's.
+pub fn validate_reload(cfg: &Config) -> Result<String> {
+    let model = Model::load(&cfg.model.path).map_err(refused)?;
+    let map = field_map(cfg, &model, &Preprocessor::new(&model.meta)).map_err(refused)?;
+    build_scorers(&crate::onnxruntime::init(onnxruntime_library(cfg)).map_err(refused)?, &model, 1).map_err(refused)?;
+    Ok(summary(&model, &map))
+}
+
+fn summary(model: &Model, map: &FieldMap) -> String {
+    format!(
+        "model {} ({:?}, W={}, F={}), {} record fields, series by {:?}, time from {:?}; threshold {}",
+        model.meta.name,
+        model.meta.model_kind,
+        model.window_len(),
+        model.n_features(),
+        map.fields.len(),
+        map.series,
+        map.timestamp.as_ref().map(|t| &t.0),
+        model.meta.thresholds.describe()
+    )
+}
+
+/// `scoring.onnxruntime_library`, when set.
+fn onnxruntime_library(cfg: &Config) -> Option<&Path> {
+    (!cfg.scoring.onnxruntime_library.is_empty()).then(|| Path::new(&cfg.scoring.onnxruntime_library))
+}
+
+/// Starts everything and runs until the source ends and a signal arrives, or a signal drains it.
+pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: CancellationToken) -> Result<()> {
+    let Prepared { model, metrics, env, scorers, map, input, reader, default_series, listener, topics, sinks, kafka, sink, scores } =
+        prepare(&cfg, cfg.scoring.workers).await?;
+    let pre = Preprocessor::new(&model.meta);
+    let in_use = Arc::new(ModelInUse::new(model.clone(), cfg.model.threshold));
+    publish_model(&metrics, None, &in_use);
     info!(address = %listener.local_addr()?, "Admin server listening.");
-    let ready = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Health::default());
+    let mut tasks = Tasks::new(shutdown.clone(), health.clone());
     let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(admin::serve(listener, AdminState { metrics: metrics.clone(), ready: ready.clone() }, admin_stop.clone()));
+    let admin = admin::serve(listener, AdminState { metrics: metrics.clone(), health: health.clone() }, admin_stop.clone());
+    tasks.spawn("admin server", Ends::AtShutdown, async { admin.await.context("admin server") });
 
     let spec = WindowSpec::for_model(&model, cfg.windows.stride);
-    let topics = Topics::default();
-    let sinks = match cfg.source.kind {
-        SourceKind::Kafka => KafkaSinks::new(&cfg.kafka, topics.clone())?,
-        _ => None,
-    };
-    let input = match parser {
-        Some(parser) => RecordInput::Lines(parser),
-        None => RecordInput::Flows(flow_input(&model, &cfg)?),
-    };
     let windows = WindowStage::new(
         &cfg,
         input,
@@ -145,23 +196,21 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         metrics.clone(),
         sinks.clone(),
     );
-    let label_names = map_series.clone();
-    let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules(&label_names));
+    let (rules_tx, rules_rx) = watch::channel(cfg.alert_rules(&map.series));
     let changelog = (cfg.source.kind == SourceKind::Kafka && !cfg.kafka.thresholds_topic.is_empty()).then(|| Changelog {
         kafka: cfg.kafka.clone(),
         topics: topics.clone(),
         placed: Default::default(),
     });
-    let (kafka, committer) = match cfg.source.kind {
-        SourceKind::Kafka => {
-            let (consumer, handle) = crate::source::kafka::connect(&cfg.kafka, topics, metrics.clone())?;
+    let (kafka, committer) = match kafka {
+        Some((consumer, handle)) => {
             // Deep: each batch waits for its outputs' delivery (linger plus a broker round trip),
             // and a shallow queue would make that wait the pace of scoring.
             let (tx, rx) = mpsc::channel(COMMIT_QUEUE);
             let committer = Committer { handle, sinks: sinks.clone(), metrics: metrics.clone() };
-            (Some(consumer), Some((tx, tokio::spawn(committer.run(rx)))))
+            (Some(consumer), Some((tx, committer.run(rx))))
         }
-        _ => (None, None),
+        None => (None, None),
     };
     let (committer_tx, committer_task) = committer.unzip();
     let alerts = AlertStage {
@@ -174,8 +223,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
         },
         state_dir: Some(cfg.thresholds.state_dir.clone()).filter(|d| !d.as_os_str().is_empty()),
         model: in_use.clone(),
-        sink: open_sink(&cfg, metrics.clone())?,
-        scores: open_scores(&cfg, metrics.clone())?,
+        sink,
+        scores,
         sinks: sinks.clone(),
         save_errors: Default::default(),
         changelog,
@@ -186,29 +235,35 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let (batch_tx, batch_rx) = mpsc::channel(cfg.scoring.workers * 2);
     let (scored_tx, scored_rx) = mpsc::channel(cfg.scoring.workers * 2);
     let header_next = windows.header_next();
-    let source = match (reader, kafka) {
+    match (reader, kafka) {
         (Some(reader), _) => {
-            tokio::spawn(read_source(reader, header_next, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone()))
+            let source = read_source(reader, header_next, cfg.source.replay_rate_per_sec, line_tx, shutdown.child_token(), metrics.clone());
+            tasks.spawn("source", Ends::WithInput, infallible(source));
         }
-        (None, Some(consumer)) => tokio::spawn(consumer.run(line_tx, shutdown.child_token(), metrics.clone())),
+        (None, Some(consumer)) => {
+            tasks.spawn("kafka source", Ends::AtShutdown, infallible(consumer.run(line_tx, shutdown.child_token(), metrics.clone())))
+        }
         (None, None) => unreachable!("a source is a reader or a Kafka consumer"),
-    };
+    }
     let windows_in_flight = windows.in_flight();
-    let window_task = tokio::spawn(windows.run(line_rx, swap_rx, batch_tx));
-    let dispatch_task = tokio::spawn(dispatch(scorers, batch_rx, scored_tx, windows_in_flight, metrics.clone()));
-    let alert_task = tokio::spawn(alerts.run(scored_rx));
+    tasks.spawn("window", Ends::WithInput, infallible(windows.run(line_rx, swap_rx, batch_tx)));
+    tasks.spawn("dispatch", Ends::WithInput, infallible(dispatch(scorers, batch_rx, scored_tx, windows_in_flight, metrics.clone())));
+    tasks.spawn("alert", Ends::WithInput, alerts.run(scored_rx));
+    if let Some(committer) = committer_task {
+        tasks.spawn("committer", Ends::WithInput, infallible(committer));
+    }
     let reloader = crate::reload::Reloader {
         path: config_path,
         config: cfg.clone(),
-        label_names,
+        mapping: map,
         model: in_use.clone(),
         env,
         metrics: metrics.clone(),
         rules: rules_tx,
         swaps: swap_tx,
     };
-    let reload_task = tokio::spawn(reloader.run(shutdown.child_token()));
-    ready.store(true, Ordering::Release);
+    tasks.spawn("reload", Ends::AtShutdown, infallible(reloader.run(shutdown.child_token())));
+    health.set_ready();
     metrics.ready.set(1);
     let streaming =
         cfg.thresholds.mode != Mode::Static || cfg.alert_overrides.iter().any(|o| o.threshold_mode.is_some_and(|m| m != Mode::Static));
@@ -217,30 +272,42 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     }
     info!(model = %model.meta.name, threshold = in_use.threshold, "Ready.");
 
-    let pipeline = async {
-        let _ = source.await;
-        let _ = window_task.await;
-        let _ = dispatch_task.await;
-        let _ = alert_task.await;
-        if let Some(committer) = committer_task {
-            let _ = committer.await;
-        }
-    };
-    tokio::pin!(pipeline);
-    // A replay that ends keeps serving /metrics until asked to stop.
+    let outcome = watch(&mut tasks, &shutdown, cfg.shutdown.drain_timeout()).await;
+    if outcome.is_err() {
+        metrics.ready.set(0);
+        // What the other stages still hold is theirs to finish (its offsets then go in), within the drain deadline.
+        let _ = tokio::time::timeout(cfg.shutdown.drain_timeout(), tasks.stages_ended()).await;
+    }
+    admin_stop.cancel();
+    outcome?;
+    tasks.all_ended().await?;
+    info!("Stopped.");
+    Ok(())
+}
+
+/// Runs until a signal and the drain, or a task's failure: a replay that ends keeps serving
+/// /metrics until asked to stop.
+async fn watch(tasks: &mut Tasks, shutdown: &CancellationToken, drain: std::time::Duration) -> Result<()> {
     let drained = tokio::select! {
-        _ = &mut pipeline => { info!("Pipeline idle: all records scored."); shutdown.cancelled().await; true }
+        ended = tasks.stages_ended() => {
+            ended?;
+            info!("Pipeline idle: all records scored.");
+            shutdown.cancelled().await;
+            true
+        }
         _ = shutdown.cancelled() => false,
     };
     if !drained {
-        info!(timeout_ms = cfg.shutdown.drain_timeout_ms, "Draining.");
-        if tokio::time::timeout(cfg.shutdown.drain_timeout(), &mut pipeline).await.is_err() {
+        info!(timeout_ms = drain.as_millis() as u64, "Draining.");
+        if tokio::time::timeout(drain, tasks.stages_ended()).await.is_err() {
             warn!("Drain deadline passed; exiting with windows unscored.");
         }
     }
-    let _ = reload_task.await;
-    admin_stop.cancel();
-    let _ = admin.await;
-    info!("Stopped.");
+    Ok(())
+}
+
+/// A task that cannot fail but by panicking.
+async fn infallible(task: impl std::future::Future<Output = ()>) -> Result<()> {
+    task.await;
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! - [`backtest`]: `anomalyd score`, offline scoring of a file
 //! - [`admin`]: HTTP `/metrics`, `/live`, `/ready`
 //! - [`signal`]: OS signals → drain, quit
+//! - [`supervisor`]: the daemon's tasks watched: a failed one stops the daemon (exit 1), `/live` and `/ready` false
 //! - [`pipeline`]: the stages (window stage, dispatch, alert stage, committer) and what travels between them
 //! - [`source`]: where lines come from (file, stdin, Kafka) and the Kafka offsets safe to store
 //! - [`sink`]: where results go (JSON lines, Kafka topics)
@@ -45,6 +46,7 @@ pub mod reload;
 pub mod signal;
 pub mod sink;
 pub mod source;
+pub mod supervisor;
 pub mod telemetry;
 pub mod threshold;
 pub mod window;

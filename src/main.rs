@@ -1,6 +1,7 @@
 //! Composition root: CLI → config → tracing → runtime → command → exit code.
 //!
-//! Exit codes: 0 success, 1 runtime failure, 2 bad configuration, bundle or input.
+//! Exit codes: 0 success; 2 a configuration, bundle or input refused before processing (`run`,
+//! `validate`, `score`); 1 any other failure (a failed task, an admin port in use).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use anomalyd::app::Refused;
 use anomalyd::config::Config;
 use anomalyd::telemetry::logging::{self, LogFormat};
 
@@ -29,10 +31,14 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Check a config and the model bundle it names, then exit (non-zero with the reason).
+    /// Check what `run` would before it reads a record (config, bundle, mapping, source,
+    /// outputs, admin port, Kafka clients), then exit (non-zero with the reason).
     Validate {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Check only what a reload of the running daemon would: the config and its bundle.
+        #[arg(long)]
+        reload: bool,
     },
     /// Score a CSV or NDJSON file offline with a model bundle (backtests, threshold tuning).
     Score(anomalyd::backtest::ScoreArgs),
@@ -41,45 +47,49 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    match cli.command {
-        Command::Score(args) => report(anomalyd::backtest::run(&args).map(|_| ()), 2),
-        Command::Validate { config } => match Config::load(config.as_deref()) {
-            Err(error) => report(Err(error.into()), 2),
-            Ok(cfg) => match anomalyd::app::validate(&cfg) {
-                Ok(summary) => {
-                    println!("config ok: {summary}");
-                    ExitCode::SUCCESS
-                }
-                Err(error) => report(Err(error), 2),
-            },
-        },
-        Command::Run { config } => {
-            let cfg = match Config::load(config.as_deref()) {
-                Ok(cfg) => cfg,
-                Err(error) => return report(Err(error.into()), 2),
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(error) => return report(Err(error.into()), 1),
-            };
-            let result = runtime.block_on(async {
+    let config = match cli.command {
+        Command::Score(args) => {
+            return match anomalyd::backtest::run(&args) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(error) => report(&error, 2),
+            }
+        }
+        Command::Validate { ref config, .. } | Command::Run { ref config } => config.clone(),
+    };
+    let cfg = match Config::load(config.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(error) => return report(&error.into(), 2),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(error) => return report(&error.into(), 1),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Validate { reload, .. } => {
+                let summary = if reload { anomalyd::app::validate_reload(&cfg) } else { anomalyd::app::validate(&cfg).await };
+                summary.map(|summary| println!("config ok: {summary}"))
+            }
+            _ => {
                 let shutdown = CancellationToken::new();
                 anomalyd::signal::spawn(shutdown.clone())?;
                 anomalyd::app::run(cfg, config, shutdown).await
-            });
-            // A blocking read of stdin cannot be cancelled; do not wait for it.
-            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
-            report(result, 1)
+            }
+        }
+    });
+    // A blocking read of stdin cannot be cancelled; do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // A config, bundle or input refused before processing: 2; anything else: 1.
+        Err(error) => {
+            let code = if error.is::<Refused>() { 2 } else { 1 };
+            report(&error, code)
         }
     }
 }
 
-fn report(result: anyhow::Result<()>, code: u8) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("anomalyd: error: {error:#}");
-            ExitCode::from(code)
-        }
-    }
+fn report(error: &anyhow::Error, code: u8) -> ExitCode {
+    eprintln!("anomalyd: error: {error:#}");
+    ExitCode::from(code)
 }

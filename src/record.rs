@@ -79,7 +79,7 @@ impl TimeFormat {
 }
 
 /// Which fields of a record feed the model, and how the series and event time are found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FieldMap {
     /// Event-time field; `None` means arrival order is time order (sequence numbers per series).
     pub timestamp: Option<(String, TimeFormat)>,

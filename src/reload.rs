@@ -23,6 +23,7 @@ use crate::mapping::field_map;
 use crate::model::lifecycle::{build_scorers, publish_model, ModelInUse, ModelSwap};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
+use crate::record::FieldMap;
 use crate::telemetry::metrics::Metrics;
 
 /// How often the config file and the bundle are checked for changes.
@@ -31,8 +32,9 @@ const POLL: Duration = Duration::from_secs(1);
 pub struct Reloader {
     pub path: Option<PathBuf>,
     pub config: Config,
-    /// Series fields of the running mapping (mapping changes need a restart).
-    pub label_names: Vec<String>,
+    /// How the running source reads records (mapping changes need a restart): a new bundle
+    /// must read them the same way.
+    pub mapping: FieldMap,
     pub model: Arc<ModelInUse>,
     pub env: ort::environment::Environment,
     pub metrics: Arc<Metrics>,
@@ -107,7 +109,15 @@ impl Reloader {
         let in_use = Arc::new(ModelInUse::new(bundle, new.model.threshold));
         let threshold_changed = in_use.threshold != self.model.threshold;
         let scorers = if model_changed {
-            field_map(&new, &in_use.model, &Preprocessor::new(&in_use.model.meta))?;
+            let map = field_map(&new, &in_use.model, &Preprocessor::new(&in_use.model.meta))?;
+            if map != self.mapping {
+                return Err(anyhow!(
+                    "model.path: {} reads {}, the running source reads {}; a bundle that reads other fields needs a restart",
+                    new.model.path.display(),
+                    describe(&map),
+                    describe(&self.mapping)
+                ));
+            }
             // The worker count is a restart setting: the new pool has as many sessions as the old.
             let (env, model, workers) = (self.env.clone(), in_use.model.clone(), old.scoring.workers);
             let scorers = tokio::task::spawn_blocking(move || build_scorers(&env, &model, workers))
@@ -129,12 +139,18 @@ impl Reloader {
             });
             self.model = in_use;
         }
-        let rules = new.alert_rules(&self.label_names);
-        if rules != old.alert_rules(&self.label_names) {
+        let rules = new.alert_rules(&self.mapping.series);
+        if rules != old.alert_rules(&self.mapping.series) {
             self.rules.send_replace(rules);
             changes.push("alert policy".into());
         }
         self.config = new;
         Ok(if changes.is_empty() { "none".into() } else { changes.join(", ") })
     }
+}
+
+/// A mapping in a log line: its fields, series fields and time field.
+fn describe(map: &FieldMap) -> String {
+    let fields: Vec<&str> = map.fields.iter().map(|f| f.name.as_str()).collect();
+    format!("fields {fields:?}, series by {:?}, time from {:?}", map.series, map.timestamp.as_ref().map(|t| &t.0))
 }

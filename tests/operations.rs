@@ -704,16 +704,19 @@ fn systemd_unit_verifies_and_its_reload_validates_before_signalling() {
         assert!(unit.lines().any(|l| l == key), "{key} missing");
     }
 
-    // ExecStartPre and ExecReload as systemd would run them, against a running daemon.
+    // ExecStartPre and ExecReload as systemd runs them: before the daemon starts, and against it.
     let records = repo().join("contracts/skab-convae/records.csv");
     let config = format!(
         "[source]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{{port}}\"\n[output]\nsink = \"file\"\npath = \"{{dir}}/alerts.jsonl\"\n",
         records.display()
     );
+    // ExecStartPre runs before the daemon, whose port is still free.
+    let before = dir.join("before.toml");
+    std::fs::write(&before, config.replace("{port}", "0").replace("{dir}", &dir.display().to_string())).unwrap();
+    assert_eq!(run_like_systemd(&unit_commands(&unit, "ExecStartPre", &before, 0)), None);
     let d = Daemon::start(&dir, &config);
     let file = dir.join("anomalyd.toml");
     let pid = d.child.id();
-    assert_eq!(run_like_systemd(&unit_commands(&unit, "ExecStartPre", &file, pid)), None);
     let reload = unit_commands(&unit, "ExecReload", &file, pid);
     assert_eq!(reload.len(), 2);
     assert_eq!(run_like_systemd(&reload), None);

@@ -63,6 +63,9 @@ pub struct ModelConfig {
     pub threshold: f64,
 }
 
+/// The slowest replay: a record each 1,000 s (a slower one's pacing overflows a `Duration`).
+pub const MIN_REPLAY_RATE: f64 = 0.001;
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
@@ -103,7 +106,7 @@ pub struct SourceConfig {
     pub format: RecordFormat,
     pub csv_delimiter: String,
     pub csv_columns: Vec<String>,
-    /// Records per second for replays; 0 = unthrottled.
+    /// Records per second for replays; 0 = unthrottled, else at least [`MIN_REPLAY_RATE`].
     pub replay_rate_per_sec: f64,
     pub series_name: String,
     /// goflow2: a bucket is scored once flows ending this long after its end have been seen.
@@ -443,8 +446,12 @@ impl Config {
         if self.source.csv_delimiter.len() != 1 || !self.source.csv_delimiter.is_ascii() {
             return Err(invalid("source.csv_delimiter", "must be exactly one ASCII character"));
         }
-        if !(self.source.replay_rate_per_sec.is_finite() && self.source.replay_rate_per_sec >= 0.0) {
-            return Err(invalid("source.replay_rate_per_sec", "must be >= 0"));
+        let rate = self.source.replay_rate_per_sec;
+        if !(rate == 0.0 || (rate.is_finite() && rate >= MIN_REPLAY_RATE)) {
+            return Err(invalid(
+                "source.replay_rate_per_sec",
+                format!("must be 0 (unthrottled) or from {MIN_REPLAY_RATE} to a finite rate, not {rate}"),
+            ));
         }
         if self.windows.stride == 0 {
             return Err(invalid("windows.stride", "must be >= 1"));
@@ -547,6 +554,15 @@ mod tests {
     fn a_non_ascii_csv_delimiter_is_refused() {
         let e = load("[source]\ncsv_delimiter = \"§\"\n", &[]).unwrap_err().to_string();
         assert!(e.starts_with("source.csv_delimiter:") && e.contains("ASCII"), "{e}");
+    }
+
+    #[test]
+    fn a_replay_rate_too_slow_to_pace_is_refused() {
+        for rate in ["1e-300", "-1", "inf", "nan"] {
+            let e = load(&format!("[source]\nreplay_rate_per_sec = {rate}\n"), &[]).unwrap_err().to_string();
+            assert!(e.starts_with("source.replay_rate_per_sec:"), "{e}");
+        }
+        assert_eq!(load("[source]\nreplay_rate_per_sec = 0.001\n", &[]).unwrap().source.replay_rate_per_sec, 0.001);
     }
 
     #[test]

@@ -45,15 +45,21 @@ pub struct ModelSwap {
     pub scorers: Option<Vec<Scorer>>,
 }
 
-/// One session per worker, each checked with a one-window run, so a bundle that loads but
-/// cannot score is refused at start-up or reload rather than on the first batch.
+/// Batch sizes of the test runs: one window, and more than one, since a graph whose output does
+/// not follow its batch dimension still scores a single window right.
+const TEST_BATCHES: [usize; 2] = [1, 3];
+
+/// One session per worker, each checked against the contract (output names, dtypes and shapes)
+/// with test runs at two batch sizes, so a bundle that loads but cannot score is refused at
+/// start-up or reload rather than on the first batch.
 pub fn build_scorers(env: &ort::environment::Environment, model: &Model, n: usize) -> Result<Vec<Scorer>> {
     let fail = |e: ort::Error| anyhow!("{}: {e}", model.onnx_path.display());
-    let zeros = ndarray::Array3::<f32>::zeros((1, model.window_len(), model.n_features()));
     (0..n)
         .map(|_| {
             let mut s = Scorer::new(env, model).map_err(fail)?;
-            s.score(zeros.view()).map_err(fail)?;
+            for batch in TEST_BATCHES {
+                s.score(ndarray::Array3::<f32>::zeros((batch, model.window_len(), model.n_features())).view()).map_err(fail)?;
+            }
             Ok(s)
         })
         .collect()

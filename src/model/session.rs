@@ -6,7 +6,7 @@
 
 use ndarray::{Array1, Array2, ArrayView3, Ix1, Ix2};
 use ort::session::{builder::GraphOptimizationLevel, Session};
-use ort::value::TensorRef;
+use ort::value::{TensorElementType, TensorRef};
 
 use super::Model;
 
@@ -53,6 +53,16 @@ impl Scorer {
                 )))
             }
         }
+        for (name, rank) in [("score", 1), ("feature_scores", 2)] {
+            let output = session.outputs().iter().find(|o| o.name() == name);
+            let ty = output.map(|o| (o.dtype().tensor_type(), o.dtype().tensor_shape().map(|s| s.len())));
+            if ty != Some((Some(TensorElementType::Float32), Some(rank))) {
+                return Err(ort::Error::new(format!(
+                    "{}: output `{name}` is {ty:?} (element type, rank), the contract says float32 of rank {rank}",
+                    model.onnx_path.display()
+                )));
+            }
+        }
         Ok(Scorer { session, window, features })
     }
 
@@ -64,6 +74,15 @@ impl Scorer {
         let shape = |e: ndarray::ShapeError| ort::Error::new(format!("unexpected output shape: {e}"));
         let score = outputs["score"].try_extract_array::<f32>()?.into_dimensionality::<Ix1>().map_err(shape)?.to_owned();
         let feature_scores = outputs["feature_scores"].try_extract_array::<f32>()?.into_dimensionality::<Ix2>().map_err(shape)?.to_owned();
+        let n = windows.shape()[0];
+        if score.len() != n || feature_scores.shape() != [n, self.features] {
+            return Err(ort::Error::new(format!(
+                "a batch of {n} windows gave `score` of shape {:?} and `feature_scores` of shape {:?}, not [{n}] and [{n}, {}]",
+                score.shape(),
+                feature_scores.shape(),
+                self.features
+            )));
+        }
         Ok(Scores { score, feature_scores })
     }
 }

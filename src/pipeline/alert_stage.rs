@@ -6,20 +6,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::{anyhow, Result};
 use rdkafka::producer::DeliveryFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::commit::Pending;
-use super::Scored;
+use super::{Batch, Scored};
 use ndarray::s;
 
 use crate::alert::{AlertState, Event, Observation};
 use crate::config::{AlertRules, KafkaConfig};
 use crate::judge::{Judge, Judged};
-use crate::model::as_windows;
 use crate::model::lifecycle::ModelInUse;
+use crate::model::{as_windows, Scores};
 use crate::sink::kafka::{KafkaOutput, KafkaSinks};
 use crate::sink::JsonLines;
 use crate::source::kafka::{read_to_end, Topics};
@@ -85,7 +86,7 @@ const REPLAY_TIMEOUT: Duration = Duration::from_secs(60);
 impl AlertStage {
     /// Handles batches strictly in sequence order: windows of one series must reach the alert
     /// state machine in event-time order, and batches can finish inference out of order.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Scored>) {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Scored>) -> Result<()> {
         self.restore();
         let mut saving = None;
         let interval = Duration::from_secs(self.judge.thresholds.settings().save_interval_secs.max(1));
@@ -100,7 +101,10 @@ impl AlertStage {
                     let Some(scored) = scored else { break };
                     waiting.insert(scored.batch.seq, scored);
                     while let Some(scored) = waiting.remove(&next) {
-                        self.complete(scored).await;
+                        if let Err(error) = self.complete(scored).await {
+                            self.flush();
+                            return Err(error);
+                        }
                         next += 1;
                     }
                 }
@@ -111,7 +115,10 @@ impl AlertStage {
             }
         }
         for (_, scored) in std::mem::take(&mut waiting) {
-            self.complete(scored).await;
+            if let Err(error) = self.complete(scored).await {
+                self.flush();
+                return Err(error);
+            }
         }
         self.flush();
         self.write_changed().await;
@@ -123,6 +130,7 @@ impl AlertStage {
             let result = self.judge.thresholds.save(dir, &self.model.model.score_owner());
             self.record_save(result);
         }
+        Ok(())
     }
 
     /// Thresholds from the state file, if there is one for this model.
@@ -252,13 +260,21 @@ impl AlertStage {
 
     /// Handles a batch, then hands what it produced on Kafka and its offsets to the committer,
     /// which stores the offsets once the outputs are delivered.
-    async fn complete(&mut self, mut scored: Scored) {
-        let acks = std::mem::take(&mut scored.batch.acks);
-        let mut deliveries = std::mem::take(&mut scored.batch.deliveries);
-        self.handle(scored, &mut deliveries).await;
+    /// A batch's windows judged and written, then its offsets to the committer. A batch that
+    /// could not be scored fails the stage before its offsets go: a restart scores it again.
+    async fn complete(&mut self, scored: Scored) -> Result<()> {
+        let mut batch = scored.batch;
+        let scores = scored.scores.map_err(|error| {
+            self.metrics.errors.with_label_values(&["scoring", "inference"]).inc();
+            anyhow!("inference failed on a batch of {} windows: {error}", batch.meta.len())
+        })?;
+        let acks = std::mem::take(&mut batch.acks);
+        let mut deliveries = std::mem::take(&mut batch.deliveries);
+        self.handle(batch, scores, &mut deliveries).await;
         if let Some(committer) = &self.committer {
             let _ = committer.send(Pending { deliveries, acks }).await;
         }
+        Ok(())
     }
 
     fn flush(&mut self) {
@@ -268,17 +284,8 @@ impl AlertStage {
         self.sink.flush();
     }
 
-    async fn handle(&mut self, scored: Scored, out: &mut Vec<(DeliveryFuture, KafkaOutput)>) {
+    async fn handle(&mut self, batch: Batch, scores: Scores, out: &mut Vec<(DeliveryFuture, KafkaOutput)>) {
         let m = self.metrics.clone();
-        let batch = scored.batch;
-        let scores = match scored.scores {
-            Ok(s) => s,
-            Err(error) => {
-                m.errors.with_label_values(&["scoring", "inference"]).inc();
-                error!(%error, windows = batch.meta.len(), "Inference failed; windows not scored.");
-                return;
-            }
-        };
         if self.rules.has_changed().unwrap_or(false) {
             self.judge.set_rules(&self.rules.borrow_and_update());
         }

@@ -60,7 +60,20 @@ pub async fn dispatch(
             let _ = pool_tx.send(scorer).await;
             let _ = tx.send(Scored { batch, scores }).await;
         });
-        while inflight.try_join_next().is_some() {}
+        while let Some(done) = inflight.try_join_next() {
+            rethrow(done);
+        }
     }
-    while inflight.join_next().await.is_some() {}
+    while let Some(done) = inflight.join_next().await {
+        rethrow(done);
+    }
+}
+
+/// A scoring task's panic is the dispatcher's, for the supervisor to see.
+fn rethrow(done: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = done {
+        if error.is_panic() {
+            std::panic::resume_unwind(error.into_panic());
+        }
+    }
 }
