@@ -94,3 +94,18 @@ fn flow_vae_scores_raw_goflow2_records_like_the_trainer() {
         assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "window {i}: score {got} vs {want}");
     }
 }
+
+/// Every name in goflow2's protocol table (the file the daemon embeds) parses to its number, or to
+/// "other" (-1) when goflow2 prints it for several numbers.
+#[test]
+fn reads_every_protocol_name_goflow2_prints() {
+    let table: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("trainer/anomalyd_trainer/goflow2_protocols.json")).unwrap()).unwrap();
+    let names = table["names"].as_object().unwrap();
+    assert!(names.len() > 150, "the full table, not a handful: {} names", names.len());
+    for (name, number) in names {
+        let line = serde_json::json!({"src_addr": "10.0.0.5", "dst_addr": "10.0.0.9", "time_flow_end_ns": 0, "bytes": 1, "packets": 1, "proto": name});
+        let flow = parse_flow(&line.to_string()).unwrap_or_else(|e| panic!("{name:?}: {e}"));
+        assert_eq!(flow.proto, number.as_i64().unwrap_or(-1), "{name:?}");
+    }
+}
