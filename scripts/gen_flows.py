@@ -5,8 +5,9 @@ Real flow captures with trustworthy labels are scarce, so training and evaluatio
 with known structure: each host follows one role profile (web client, DNS-heavy client, server,
 night-time backup host) with Poisson flow counts that follow a daily cycle, and selected hosts
 can be given injected attacks (port scan, host sweep, exfiltration, UDP flood) in a chosen time
-window. The output is the JSON goflow2 v2 prints (snake_case keys, `proto` as a name), so it
-goes through exactly the same reader as production data; see docs/flow-features.md.
+window. The output is the JSON goflow2 v2.2 prints (snake_case keys, `proto` as a name from its
+IANA table), so it goes through exactly the same reader as production data; see
+docs/flow-features.md.
 
 Everything is drawn from one seeded numpy Generator, so a given command line always produces
 the same files. Only numpy and the standard library are used.
@@ -27,7 +28,7 @@ import numpy as np
 
 NS = 1_000_000_000
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
-PROTO_NAME = {TCP: "TCP", UDP: "UDP", ICMP: "ICMP", ICMPV6: "ICMPv6"}
+PROTO_NAME = {TCP: "TCP", UDP: "UDP", ICMP: "ICMP", ICMPV6: "IPv6-ICMP"}
 FIN, SYN, PSH, ACK = 0x01, 0x02, 0x08, 0x10
 FULL_TCP = FIN | SYN | PSH | ACK
 ANOMALY_KINDS = ("port_scan", "host_sweep", "exfiltration", "udp_flood")

@@ -6,7 +6,8 @@
 //! batch semantics — every flow of a bucket counted — hold for flows that arrive no later than
 //! that; a flow for an already emitted bucket is counted as late and dropped.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::LazyLock;
 
 use serde_json::Value as Json;
 
@@ -89,17 +90,26 @@ fn address(obj: &serde_json::Map<String, Json>, field: &'static str) -> Result<S
     }
 }
 
-/// goflow2 renders `proto` as a name; numbers are accepted too. `""` is a protocol it did not name.
+/// `proto` of a protocol the contract cannot number: a name goflow2 prints for several numbers.
+const OTHER_PROTO: i64 = -1;
+
+/// goflow2's protocol names → number, `None` for a name it prints for several numbers. Generated
+/// from goflow2's own `ProtoName` by scripts/goflow2_protocols.py; the trainer reads the same file.
+static PROTO_NAMES: LazyLock<HashMap<String, Option<u32>>> = LazyLock::new(|| {
+    #[derive(serde::Deserialize)]
+    struct Table {
+        names: HashMap<String, Option<u32>>,
+    }
+    let json = include_str!("../trainer/anomalyd_trainer/goflow2_protocols.json");
+    serde_json::from_str::<Table>(json).expect("the embedded protocol table is valid JSON").names
+});
+
+/// goflow2 renders `proto` as a name; numbers are accepted too.
 fn proto(obj: &serde_json::Map<String, Json>) -> Result<i64, FlowError> {
     match obj.get("proto") {
-        Some(Json::String(s)) => match s.as_str() {
-            "ICMP" => Ok(1),
-            "TCP" => Ok(6),
-            "UDP" => Ok(17),
-            "ICMPv6" => Ok(58),
-            "SCTP" => Ok(132),
-            "" => Ok(-1),
-            other => Err(FlowError::at("proto", format!("unknown protocol name {other:?}"))),
+        Some(Json::String(s)) => match PROTO_NAMES.get(s) {
+            Some(number) => Ok(number.map_or(OTHER_PROTO, i64::from)),
+            None => Err(FlowError::at("proto", format!("unknown protocol name {s:?}"))),
         },
         _ => integer(obj, "proto", None).map(|v| v as i64),
     }

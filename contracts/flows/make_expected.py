@@ -2,7 +2,8 @@
 
 This is the contract's second opinion: it follows docs/flow-features.md literally, one record at a
 time, with Python integers, so the pandas implementation is tested against something that shares
-none of its code. Run: python3 contracts/flows/make_expected.py (standard library only).
+none of its code. It reads only the protocol-name table, which is data taken from goflow2
+(scripts/goflow2_protocols.py). Run: python3 contracts/flows/make_expected.py (standard library only).
 """
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUCKET_SECS = 60
-PROTO_NAMES = {"ICMP": 1, "TCP": 6, "UDP": 17, "ICMPv6": 58, "SCTP": 132, "": -1}
+PROTOCOLS = HERE.parents[1] / "trainer" / "anomalyd_trainer" / "goflow2_protocols.json"
 FEATURES = [
     "flows",
     "bytes",
@@ -27,13 +28,15 @@ FEATURES = [
 
 
 def main() -> None:
+    names = json.loads(PROTOCOLS.read_text(encoding="utf-8"))["names"]
     buckets: dict[tuple[str, int], dict] = {}
     for text in (HERE / "flows.ndjson").read_text(encoding="utf-8").splitlines():
         if not text.strip():
             continue
         rec = json.loads(text)
         proto = rec["proto"]
-        proto = PROTO_NAMES[proto] if isinstance(proto, str) else proto
+        if isinstance(proto, str):  # null: a name shared by several numbers, so "other"
+            proto = -1 if names[proto] is None else names[proto]
         rate = max(rec.get("sampling_rate", 1), 1)
         end = rec["time_flow_end_ns"]
         start = rec.get("time_flow_start_ns", 0)

@@ -6,13 +6,14 @@ one row per (source host, time bucket) that saw at least one flow, integer arith
 bucketing and sums, and no dependence on the order of flows inside a bucket.
 
 Input is the JSON output of the goflow2 collector (v2, snake_case keys taken from the protobuf
-field names in pb/flow.proto). goflow2 renders `proto` as a protocol name ("TCP", "UDP", ...)
-by default, so both names and plain numbers are accepted for that one field.
+field names in pb/flow.proto). goflow2 renders `proto` as a protocol name ("TCP", "IPv6-ICMP",
+"unassigned", ...) by default, so both names and plain numbers are accepted for that one field.
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import numpy as np
 import pandas as pd
@@ -33,13 +34,18 @@ FLOW_FEATURES: list[str] = [
     "mean_bytes_per_packet",
 ]
 
-PROTO_NAMES: dict[str, int] = {"ICMP": 1, "TCP": 6, "UDP": 17, "ICMPv6": 58, "SCTP": 132}
-"""goflow2's `proto` renderer names (producer/proto/render.go). It renders any other protocol
-number as the empty string, which is kept as OTHER_PROTO: a protocol we cannot number."""
-
 OTHER_PROTO = -1
+"""`proto` of a protocol we cannot number: a name goflow2 prints for several numbers ("unassigned")."""
 
-_PROTO_CODES = {**PROTO_NAMES, "": OTHER_PROTO}
+
+def _proto_codes() -> dict[str, int]:
+    """goflow2's protocol names → number, from goflow2_protocols.json (package data, generated from
+    goflow2's own `ProtoName` by scripts/goflow2_protocols.py; the Rust daemon embeds the same file)."""
+    table = json.loads(resources.files(__package__).joinpath("goflow2_protocols.json").read_text(encoding="utf-8"))
+    return {name: OTHER_PROTO if code is None else code for name, code in table["names"].items()}
+
+
+_PROTO_CODES = _proto_codes()
 
 INT64_MAX = 2**63 - 1
 

@@ -120,8 +120,8 @@ def test_contract_vectors_reproduced():
 def test_raw_columns_normalised():
     raw = read_goflow2_ndjson(CONTRACT / "flows.ndjson")
     assert list(raw.columns) == RAW_COLUMNS
-    assert raw["line"].tolist() == [n for n in range(1, 25) if n != 8]
-    assert set(raw["proto"]) == {1, 6, 17, 47, 58, OTHER_PROTO}
+    assert raw["line"].tolist() == [n for n in range(1, 36) if n != 8]
+    assert set(raw["proto"]) == {0, 1, 2, 6, 17, 47, 50, 58, 89, 255, OTHER_PROTO}
     assert all(raw[c].dtype == np.int64 for c in RAW_COLUMNS if c not in ("src_addr", "dst_addr"))
 
 
@@ -171,14 +171,25 @@ def test_optional_fields_and_proto_names(tmp_path):
             flow(),
             flow(proto="UDP", sampling_rate=None, tcp_flags=None, dst_port=None, time_flow_start_ns=None),
             flow(proto="ICMPv6"),
+            flow(proto="IPv6-ICMP"),
             flow(proto=""),
+            flow(proto="unassigned"),
+            flow(proto="ISIS over IPv4"),
             flow(proto=132),
         ],
     )
     raw = read_goflow2_ndjson(path)
-    assert raw["proto"].tolist() == [6, 17, 58, OTHER_PROTO, 132]
+    assert raw["proto"].tolist() == [6, 17, 58, 58, OTHER_PROTO, OTHER_PROTO, 124, 132]
     assert set(raw["sampling_rate"]) == {1}
     assert set(raw["tcp_flags"]) == set(raw["dst_port"]) == set(raw["time_flow_start_ns"]) == {0}
+
+
+def test_every_protocol_name_goflow2_prints_is_read(tmp_path):
+    """The whole table the trainer ships (as package data) and the daemon embeds; null is "other"."""
+    table = json.loads((ROOT / "trainer" / "anomalyd_trainer" / "goflow2_protocols.json").read_text())["names"]
+    assert len(table) > 150
+    raw = read_goflow2_ndjson(write_lines(tmp_path, [flow(proto=name) for name in table]))
+    assert raw["proto"].tolist() == [OTHER_PROTO if code is None else code for code in table.values()]
 
 
 def test_sampling_scaling_and_zero_packets(tmp_path):
