@@ -129,6 +129,10 @@ pub struct WindowsConfig {
     pub stride: usize,
     pub max_series: usize,
     pub idle_timeout_secs: f64,
+    /// A record whose series name is longer is refused (`series_name_too_long`).
+    pub max_series_name_bytes: usize,
+    /// A record dated more than this ahead of the clock is refused (`future_timestamp`); 0 = no limit.
+    pub max_future_secs: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -452,6 +456,12 @@ impl Config {
                 "source.replay_rate_per_sec",
                 format!("must be 0 (unthrottled) or from {MIN_REPLAY_RATE} to a finite rate, not {rate}"),
             ));
+        }
+        if self.windows.max_series_name_bytes == 0 {
+            return Err(invalid("windows.max_series_name_bytes", "must be >= 1"));
+        }
+        if !(self.windows.max_future_secs.is_finite() && self.windows.max_future_secs >= 0.0) {
+            return Err(invalid("windows.max_future_secs", "must be >= 0 (0 = no limit)"));
         }
         if self.windows.stride == 0 {
             return Err(invalid("windows.stride", "must be >= 1"));

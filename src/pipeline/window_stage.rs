@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Result};
 use tokio::sync::mpsc;
@@ -76,6 +76,40 @@ pub struct WindowStage {
     sinks: Option<KafkaSinks>,
     /// `kafka.series_from_key`: the message key names the series.
     series_from_key: bool,
+    limits: Limits,
+}
+
+/// What a parsed record must meet before it is windowed.
+struct Limits {
+    max_series_name_bytes: usize,
+    /// 0 = no limit.
+    max_future_secs: f64,
+}
+
+impl Limits {
+    /// Refuses a series name over the length limit, and an event time too far ahead of the
+    /// clock (it would reject its series' later records as out of order, and move event-time
+    /// idle eviction past every other series): (reason, detail).
+    fn admit(&self, series: &str, ts: Option<f64>) -> Result<(), (&'static str, String)> {
+        if series.len() > self.max_series_name_bytes {
+            let head: String = series.chars().take(64).collect();
+            let detail =
+                format!("series name of {} bytes (windows.max_series_name_bytes = {}): {head}…", series.len(), self.max_series_name_bytes);
+            return Err(("series_name_too_long", detail));
+        }
+        if let (Some(ts), true) = (ts, self.max_future_secs > 0.0) {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            if ts > now + self.max_future_secs {
+                let detail = format!(
+                    "series {series}: event time {ts} is {:.0} s ahead of the clock (windows.max_future_secs = {})",
+                    ts - now,
+                    self.max_future_secs
+                );
+                return Err(("future_timestamp", detail));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl WindowStage {
@@ -113,6 +147,7 @@ impl WindowStage {
             offsets_dirty: false,
             sinks,
             series_from_key: cfg.kafka.series_from_key,
+            limits: Limits { max_series_name_bytes: cfg.windows.max_series_name_bytes, max_future_secs: cfg.windows.max_future_secs },
         };
         stage.batch = stage.new_batch();
         stage
@@ -249,16 +284,22 @@ impl WindowStage {
                 match series.map(|series| parser.parse(line, series)) {
                     None => Err(("missing_key", "the message has no UTF-8 key to name its series (kafka.series_from_key)".to_string())),
                     Some(None) => return true,
-                    Some(Some(Ok(record))) => return self.push(record, ack, tx).await,
+                    Some(Some(Ok(record))) => match self.limits.admit(&record.series, record.ts) {
+                        Ok(()) => return self.push(record, ack, tx).await,
+                        Err(refused) => Err(refused),
+                    },
                     Some(Some(Err(e))) => Err((e.reason(), e.to_string())),
                 }
             }
-            RecordInput::Flows(flows) => match parse_flow(line) {
-                Err(e) => Err((e.reason(), e.to_string())),
-                Ok(flow) if !flows.aggregator.add(&flow) => {
-                    Err(("late_flow", format!("host {}: its bucket was already scored", flow.host)))
-                }
-                Ok(_) => Ok(flows.aggregator.closed().into_iter().map(|row| flows.record(row)).collect::<Vec<_>>()),
+            RecordInput::Flows(flows) => match parse_flow(line).map_err(|e| (e.reason(), e.to_string())) {
+                Ok(flow) => match self.limits.admit(&flow.host, Some(flow.end_ns as f64 / 1e9)) {
+                    Err(refused) => Err(refused),
+                    Ok(()) if !flows.aggregator.add(&flow) => {
+                        Err(("late_flow", format!("host {}: its bucket was already scored", flow.host)))
+                    }
+                    Ok(()) => Ok(flows.aggregator.closed().into_iter().map(|row| flows.record(row)).collect::<Vec<_>>()),
+                },
+                Err(e) => Err(e),
             },
         };
         match parsed {

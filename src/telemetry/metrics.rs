@@ -19,10 +19,11 @@ use prometheus::{
 };
 
 /// `records_discarded_total{reason}`: parse errors (`record::ParseError::reason`, flows), late
-/// flows and Kafka messages without a key for `kafka.series_from_key` — the first
+/// flows, Kafka messages without a key for `kafka.series_from_key`, and records over the window
+/// stage's limits (series name length, event time ahead of the clock) — the first
 /// [`DEAD_LETTER_REASONS`], which also go to a dead-letter topic — then window drops
 /// (`window::Dropped`).
-const DISCARD_REASONS: [&str; 10] = [
+const DISCARD_REASONS: [&str; 12] = [
     "malformed",
     "wrong_type",
     "missing_field",
@@ -30,11 +31,13 @@ const DISCARD_REASONS: [&str; 10] = [
     "bad_timestamp",
     "late_flow",
     "missing_key",
+    "series_name_too_long",
+    "future_timestamp",
     "out_of_order",
     "nan",
     "series_limit",
 ];
-const DEAD_LETTER_REASONS: usize = 7;
+const DEAD_LETTER_REASONS: usize = 9;
 /// `errors_total{stage, error_type}`.
 const ERROR_KINDS: [(&str, &str); 10] = [
     ("source", "read"),
@@ -182,7 +185,7 @@ impl Metrics {
             records_discarded: counter_vec(
                 &r,
                 "anomalyd_records_discarded_total",
-                "Records skipped, by reason (malformed, wrong_type, missing_field, too_long, bad_timestamp, out_of_order, nan, series_limit).",
+                "Records skipped, by reason (malformed, wrong_type, missing_field, too_long, bad_timestamp, late_flow, missing_key, series_name_too_long, future_timestamp, out_of_order, nan, series_limit).",
                 &["reason"],
             ),
             windows_scored: counter(&r, "anomalyd_windows_scored_total", "Windows scored by the model."),
