@@ -5,8 +5,8 @@
 //! every window (stride 1 unless told otherwise) becomes one output row: series, end time, raw
 //! score, the series' threshold, anomaly_score (1.0 = that threshold) and the top contributing
 //! features; `--alerts` also writes the alert events the daemon would have raised. Bad records
-//! are counted by reason and skipped; a window whose score is not finite is counted and not
-//! written.
+//! (a line that is not UTF-8 among them) are counted by reason and skipped; a window whose score
+//! is not finite is counted and not written.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -23,7 +23,7 @@ use crate::judge::Judge;
 use crate::model::lifecycle::ModelInUse;
 use crate::model::{as_windows, Model, Scorer};
 use crate::preprocess::Preprocessor;
-use crate::record::{CsvParser, FieldMap, LineFormat, LineParser, TimeFormat};
+use crate::record::{line_text, CsvParser, FieldMap, LineFormat, LineParser, TimeFormat};
 use crate::telemetry::LogEvery;
 use crate::threshold::Thresholds;
 use crate::window::{Outcome, WindowSpec, Windower};
@@ -157,7 +157,7 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
 
     let file = std::fs::File::open(&args.input).with_context(|| format!("{}: cannot open", args.input.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut lines = BufReader::new(file).lines();
+    let mut lines = BufReader::new(file).split(b'\n');
     let series_name = args.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let format = args.format.unwrap_or(match extension(&args.input) {
         "csv" | "txt" => InputFormat::Csv,
@@ -173,7 +173,8 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         (InputFormat::Csv, Some(c), _) | (InputFormat::Csv, None, Some(c)) => Some(c.clone()),
         (InputFormat::Csv, None, None) => {
             line_no += 1;
-            Some(CsvParser::header(&lines.next().context("empty input")??, delimiter))
+            let header = line_text(lines.next().context("empty input")??).context("CSV header")?;
+            Some(CsvParser::header(&header, delimiter))
         }
         _ => None,
     };
@@ -248,10 +249,12 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         let line = line.with_context(|| format!("{}: read error after line {line_no}", args.input.display()))?;
         line_no += 1;
         bar.inc(line.len() as u64 + 1);
-        if line.trim().is_empty() {
-            continue;
-        }
-        let record = match parser.parse(&line, &series_name) {
+        let parsed = match line_text(line) {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => parser.parse(&line, &series_name),
+            Err(e) => Some(Err(e)),
+        };
+        let record = match parsed {
             None => continue,
             Some(Ok(r)) => r,
             Some(Err(e)) => {

@@ -135,6 +135,24 @@ fn a_huge_finite_value_is_dropped_and_counted_not_scored_as_nan() {
 }
 
 #[test]
+fn a_line_that_is_not_utf8_is_counted_as_malformed_and_scoring_goes_on() {
+    let dir = temp_dir("score-utf8");
+    let input = golden_records_with(&dir, &[100], |line| {
+        let mut bytes = line.as_bytes().to_vec();
+        bytes[25] = 0xff;
+        bytes
+    });
+    let out = dir.join("scores.csv");
+    let run = score(&["--model", "models/skab-convae", "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("\"malformed\": 1"), "{stderr}");
+    // Every line is read: the windows of the records after it are scored too.
+    let rows = std::fs::read_to_string(&out).unwrap().lines().count() - 1;
+    assert!(rows > 120, "{rows} windows");
+}
+
+#[test]
 fn windows_the_model_scores_non_finite_are_counted_not_written() {
     let dir = temp_dir("score-overflow");
     // Each value alone is in range (its square is finite); three in a window overflow the score.
