@@ -5,7 +5,8 @@
 //! every window (stride 1 unless told otherwise) becomes one output row: series, end time, raw
 //! score, the series' threshold, anomaly_score (1.0 = that threshold) and the top contributing
 //! features; `--alerts` also writes the alert events the daemon would have raised. Bad records
-//! are counted by reason and skipped.
+//! (a line that is not UTF-8 among them) are counted by reason and skipped; a window whose score
+//! is not finite is counted and not written.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -22,7 +23,8 @@ use crate::judge::Judge;
 use crate::model::lifecycle::ModelInUse;
 use crate::model::{as_windows, Model, Scorer};
 use crate::preprocess::Preprocessor;
-use crate::record::{CsvParser, FieldMap, LineFormat, LineParser, TimeFormat};
+use crate::record::{line_text, CsvParser, FieldMap, LineFormat, LineParser, TimeFormat};
+use crate::telemetry::LogEvery;
 use crate::threshold::Thresholds;
 use crate::window::{Outcome, WindowSpec, Windower};
 
@@ -155,7 +157,7 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
 
     let file = std::fs::File::open(&args.input).with_context(|| format!("{}: cannot open", args.input.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut lines = BufReader::new(file).lines();
+    let mut lines = BufReader::new(file).split(b'\n');
     let series_name = args.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let format = args.format.unwrap_or(match extension(&args.input) {
         "csv" | "txt" => InputFormat::Csv,
@@ -171,7 +173,8 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         (InputFormat::Csv, Some(c), _) | (InputFormat::Csv, None, Some(c)) => Some(c.clone()),
         (InputFormat::Csv, None, None) => {
             line_no += 1;
-            Some(CsvParser::header(&lines.next().context("empty input")??, delimiter))
+            let header = line_text(lines.next().context("empty input")??).context("CSV header")?;
+            Some(CsvParser::header(&header, delimiter))
         }
         _ => None,
     };
@@ -203,6 +206,7 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     let mut pending: Vec<(String, f64, f64)> = Vec::with_capacity(BATCH);
     let mut skipped: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut windows = 0u64;
+    let mut non_finite = 0u64;
     let mut flush = |batch: &mut Vec<f32>, pending: &mut Vec<(String, f64, f64)>, out: &mut ScoreWriter| -> Result<()> {
         if pending.is_empty() {
             return Ok(());
@@ -210,6 +214,14 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         let view = as_windows(batch, w, f);
         let scores = scorer.score(view).map_err(|e| anyhow::anyhow!("inference: {e}"))?;
         for (i, (series, start_ts, end_ts)) in pending.iter().enumerate() {
+            if !scores.score[i].is_finite() {
+                // Never a NaN row: the model overflowed on extreme input (counted, reported below).
+                non_finite += 1;
+                if LogEvery::due(non_finite) {
+                    tracing::warn!(series = %series, window_end_ts = end_ts, count = non_finite, "Window scored non-finite; not written.");
+                }
+                continue;
+            }
             let contributions = scores.feature_scores.row(i);
             let contributions = contributions.as_slice().expect("rows are contiguous");
             let obs = Observation {
@@ -227,8 +239,8 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
             if let (Some(alerts), Some(event)) = (&mut alerts, judged.event) {
                 writeln!(alerts, "{}", event.to_json(&model.meta.name))?;
             }
+            windows += 1;
         }
-        windows += pending.len() as u64;
         batch.clear();
         pending.clear();
         Ok(())
@@ -237,10 +249,12 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         let line = line.with_context(|| format!("{}: read error after line {line_no}", args.input.display()))?;
         line_no += 1;
         bar.inc(line.len() as u64 + 1);
-        if line.trim().is_empty() {
-            continue;
-        }
-        let record = match parser.parse(&line, &series_name) {
+        let parsed = match line_text(line) {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => parser.parse(&line, &series_name),
+            Err(e) => Some(Err(e)),
+        };
+        let record = match parsed {
             None => continue,
             Some(Ok(r)) => r,
             Some(Err(e)) => {
@@ -265,7 +279,9 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     }
     bar.finish_and_clear();
     let skipped_text = if skipped.is_empty() { "none".to_string() } else { format!("{skipped:?}") };
-    eprintln!("anomalyd score: {line_no} lines, {windows} windows scored, records skipped: {skipped_text}");
+    let non_finite_text =
+        if non_finite > 0 { format!(", windows with a non-finite score (not written): {non_finite}") } else { String::new() };
+    eprintln!("anomalyd score: {line_no} lines, {windows} windows scored, records skipped: {skipped_text}{non_finite_text}");
     Ok(windows)
 }
 

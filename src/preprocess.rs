@@ -18,6 +18,21 @@ struct Column {
     std: f64,
 }
 
+/// The largest scaled feature a model can take, just under √f32::MAX ≈ 1.845e19 (contract §1):
+/// the scores square the scaled inputs' errors in f32, so a larger value scores inf or NaN.
+pub const MAX_SCALED: f64 = 1.8e19;
+
+impl Column {
+    /// The scaled feature of a numeric value, in f64 (contract §1; the row casts it to f32).
+    fn scaled(&self, x: f64) -> f64 {
+        let t = match self.transform {
+            Transform::Log1p => x.max(0.0).ln_1p(),
+            Transform::None | Transform::OneHot => x,
+        };
+        (t - self.mean) / self.std
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
     fields: Vec<FieldSpec>,
@@ -26,6 +41,8 @@ pub struct Preprocessor {
     one_hot: HashMap<usize, HashMap<String, usize>>,
     /// Columns taken relative to their window's mean.
     centered: Vec<usize>,
+    /// Per source field: the numeric columns it feeds.
+    numeric: Vec<Vec<usize>>,
 }
 
 impl Preprocessor {
@@ -52,7 +69,11 @@ impl Preprocessor {
             columns.push(Column { source, transform: c.transform, mean: c.mean, std: c.std });
         }
         let centered = meta_columns.iter().enumerate().filter(|(_, c)| c.window == WindowTransform::Center).map(|(j, _)| j).collect();
-        Preprocessor { fields, columns, one_hot, centered }
+        let mut numeric = vec![Vec::new(); fields.len()];
+        for (j, c) in columns.iter().enumerate().filter(|(_, c)| c.transform != Transform::OneHot) {
+            numeric[c.source].push(j);
+        }
+        Preprocessor { fields, columns, one_hot, centered, numeric }
     }
 
     /// The source fields a record must carry, in the order `row` expects their values.
@@ -65,19 +86,25 @@ impl Preprocessor {
         self.columns.len()
     }
 
-    /// Writes the scaled row for `values` (finite numerics, as the NaN policy leaves them) into
+    /// Whether `x`, a value of source field `field`, is one the model can score: finite, and every
+    /// feature it feeds at most [`MAX_SCALED`] once scaled. A value that is not — a sensor's
+    /// "invalid" marker such as 3e38 — is treated as a non-finite value by the NaN policy
+    /// (contract §1): it would make the window's score inf or NaN.
+    pub fn in_range(&self, field: usize, x: f64) -> bool {
+        x.is_finite() && self.numeric[field].iter().all(|&j| self.columns[j].scaled(x).abs() <= MAX_SCALED)
+    }
+
+    /// Writes the scaled row for `values` (numerics [`in_range`](Self::in_range), as the NaN policy leaves them) into
     /// `out` (length F). Returns true when a categorical value was never seen in training (all
     /// of that field's one-hot columns are then 0).
     pub fn row(&self, values: &[Value], out: &mut [f32]) -> bool {
         let mut unknown = false;
         for (j, c) in self.columns.iter().enumerate() {
-            let t = match (c.transform, &values[c.source]) {
-                (Transform::None, Value::Num(x)) => *x,
-                (Transform::Log1p, Value::Num(x)) => x.max(0.0).ln_1p(),
-                (Transform::OneHot, _) => 0.0,   // set below, once per source
-                (_, Value::Text(_)) => f64::NAN, // the parser never gives text for a numeric field
+            out[j] = match (c.transform, &values[c.source]) {
+                (Transform::OneHot, _) => c.scaled(0.0) as f32, // "not this category"; set below, once per source
+                (_, Value::Num(x)) => c.scaled(*x) as f32,
+                (_, Value::Text(_)) => f32::NAN, // the parser never gives text for a numeric field
             };
-            out[j] = ((t - c.mean) / c.std) as f32;
         }
         for (source, categories) in &self.one_hot {
             if let Value::Text(v) = &values[*source] {
@@ -135,6 +162,44 @@ mod tests {
         assert!(!unknown);
         assert!(p.row(&[Value::Num(0.0), Value::Text("icmp".into()), Value::Num(0.0)], &mut out));
         assert_eq!(&out[1..3], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn a_value_whose_scaled_feature_the_model_cannot_square_is_out_of_range() {
+        let p = Preprocessor::from_columns(&[
+            col("x", "x", Transform::None, None, 124.8, 1.67),
+            col("b", "b", Transform::Log1p, None, 1.0, 2.0),
+            col("proto=tcp", "proto", Transform::OneHot, Some("tcp"), 0.0, 1.0),
+        ]);
+        assert!(p.in_range(0, 1e19) && p.in_range(0, -1e19));
+        // 3e38 is finite in f32 even once scaled (1.8e38), but its square is not.
+        assert!(!p.in_range(0, 3e38) && !p.in_range(0, -3e38) && !p.in_range(0, 1e20) && !p.in_range(0, f64::MAX));
+        assert!(!p.in_range(0, f64::NAN) && !p.in_range(0, f64::INFINITY));
+        // log1p keeps any finite count in range.
+        assert!(p.in_range(1, f64::MAX) && p.in_range(1, -f64::MAX));
+        // Squared in f32, the largest scaled value in range is finite.
+        assert!(((MAX_SCALED as f32) * (MAX_SCALED as f32)).is_finite());
+    }
+
+    #[test]
+    fn the_nan_policy_treats_an_out_of_range_value_as_non_finite() {
+        use crate::model::NanPolicy;
+        use crate::record::RawRecord;
+        use crate::window::{Dropped, Outcome, WindowSpec, Windower};
+        let windower = |nan_policy| {
+            let spec = WindowSpec { length: 1, stride: 1, max_gap_secs: 0.0, nan_policy };
+            Windower::new(spec, Preprocessor::from_columns(&[col("x", "x", Transform::None, None, 0.0, 0.5)]))
+        };
+        let rec = |ts: f64, x: f64| RawRecord { series: "a".into(), ts: Some(ts), values: vec![Value::Num(x)] };
+        let mut out = Vec::new();
+        let mut error = windower(NanPolicy::Error);
+        assert_eq!(error.push(&rec(1.0, 3e38), &mut out).outcome, Outcome::Dropped(Dropped::Nan));
+        // ffill: the last value in range, never the huge one.
+        let mut ffill = windower(NanPolicy::Ffill);
+        assert_eq!(ffill.push(&rec(1.0, 3e38), &mut out).outcome, Outcome::Dropped(Dropped::Nan));
+        assert!(matches!(ffill.push(&rec(2.0, 1.0), &mut out).outcome, Outcome::Window { .. }));
+        assert!(matches!(ffill.push(&rec(3.0, -3e38), &mut out).outcome, Outcome::Window { .. }));
+        assert_eq!(out, [2.0, 2.0]);
     }
 
     #[test]

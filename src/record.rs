@@ -135,6 +135,15 @@ impl ParseError {
     }
 }
 
+/// One input line's bytes (without its `\n`) as text, without a trailing `\r`. A line that is not
+/// UTF-8 is a malformed record, skipped and counted like any other: the input goes on.
+pub fn line_text(mut bytes: Vec<u8>) -> Result<String, ParseError> {
+    if bytes.last() == Some(&b'\r') {
+        bytes.pop();
+    }
+    String::from_utf8(bytes).map_err(|_| ParseError::Malformed("line is not UTF-8".into()))
+}
+
 fn numeric(field: &str, text: &str) -> Result<f64, ParseError> {
     let t = text.trim();
     if MISSING_TEXT.contains(&t) {

@@ -10,10 +10,10 @@
 //! ```
 //!
 //! A record is dropped (and the caller counts it) when its event time is not after the last one
-//! seen for its series (`out_of_order`), or when a numeric value is missing / NaN / ±inf and the
-//! NaN policy cannot resolve it (`nan`). The order check uses every record that passed it, the gap
-//! check only rows that were kept — the trainer drops duplicate timestamps before the NaN policy,
-//! and cuts segments after it.
+//! seen for its series (`out_of_order`), or when a numeric value is missing / NaN / ±inf (or so
+//! large that its scaled feature is no finite f32) and the NaN policy cannot resolve it (`nan`).
+//! The order check uses every record that passed it, the gap check only rows that were kept — the
+//! trainer drops duplicate timestamps before the NaN policy, and cuts segments after it.
 
 use std::collections::HashMap;
 
@@ -197,7 +197,7 @@ impl Windower {
         // later fills of its other fields.
         for (i, v) in record.values.iter().enumerate() {
             if let Value::Num(x) = v {
-                if x.is_finite() {
+                if self.pre.in_range(i, *x) {
                     state.last_valid[i] = *x;
                 }
             }
@@ -205,7 +205,7 @@ impl Windower {
         self.values.clear();
         for (i, v) in record.values.iter().enumerate() {
             match v {
-                Value::Num(x) if !x.is_finite() => match self.spec.nan_policy {
+                Value::Num(x) if !self.pre.in_range(i, *x) => match self.spec.nan_policy {
                     NanPolicy::Ffill if state.last_valid[i].is_finite() => self.values.push(Value::Num(state.last_valid[i])),
                     _ => return dropped(Dropped::Nan),
                 },

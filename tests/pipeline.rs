@@ -243,3 +243,57 @@ fn goflow2_flows_are_bucketed_scored_and_alert_on_the_attacking_host() {
     fired.iter().for_each(|e| assert_flow_alert(e, &attacked));
     assert_eq!(d.stop(), 0);
 }
+
+/// Runs the golden records with the last value of some data rows (0 = the first) replaced; the
+/// metrics and the scores written once the file is processed.
+fn run_with_last_values(name: &str, replaced: &[(usize, &str)]) -> (String, Vec<serde_json::Value>) {
+    let dir = temp_dir(name);
+    let good = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let lines: Vec<String> = good
+        .lines()
+        .enumerate()
+        .map(|(i, l)| match replaced.iter().find(|(row, _)| row + 1 == i) {
+            Some((_, v)) => l.rsplit_once(';').map(|(a, _)| format!("{a};{v}")).unwrap(),
+            None => l.to_string(),
+        })
+        .collect();
+    let path = dir.join("records.csv");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let config =
+        BASE.replace("{records}", path.to_str().unwrap()).replace("[output]\n", "[output]\nscores_path = \"{dir}/scores.jsonl\"\n");
+    let d = Daemon::start(&dir, &config);
+    d.wait_for(|d| d.stderr().contains("Pipeline idle"), "the whole file processed");
+    let m = d.metrics();
+    let scores = std::fs::read_to_string(d.dir.join("scores.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(d.stop(), 0);
+    (m, scores)
+}
+
+fn assert_all_finite(scores: &[serde_json::Value]) {
+    let bad: Vec<_> = scores.iter().filter(|s| !s["score"].as_f64().is_some_and(f64::is_finite)).collect();
+    assert!(bad.is_empty(), "{} windows without a finite score, e.g. {}", bad.len(), bad[0]);
+}
+
+#[test]
+fn a_huge_finite_value_is_dropped_and_counted_not_scored_as_nan() {
+    // A sensor's "invalid" marker: finite, but the model cannot square its scaled feature.
+    let (m, scores) = run_with_last_values("huge", &[(100, "3e38")]);
+    assert_eq!(metric(&m, "anomalyd_records_discarded_total{reason=\"nan\"}"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "anomalyd_errors_total{error_type=\"non_finite_score\",stage=\"scoring\"}"), Some(0.0), "{m}");
+    assert_all_finite(&scores);
+    // One row fewer: one window fewer, none lost around it.
+    assert_eq!(scores.len(), 137);
+    assert_eq!(metric(&m, "anomalyd_windows_scored_total"), Some(137.0));
+}
+
+#[test]
+fn windows_the_model_scores_non_finite_are_counted_not_judged() {
+    // Each value alone is in range (its square is finite), but three in a window overflow the
+    // model's mean squared error.
+    let (m, scores) = run_with_last_values("overflow", &[(100, "2.5e19"), (101, "2.5e19"), (102, "2.5e19")]);
+    assert_eq!(metric(&m, "anomalyd_records_discarded_total{reason=\"nan\"}"), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "anomalyd_errors_total{error_type=\"non_finite_score\",stage=\"scoring\"}"), Some(31.0), "{m}");
+    assert_all_finite(&scores);
+    assert_eq!(scores.len(), 138 - 31);
+    assert_eq!(metric(&m, "anomalyd_windows_scored_total"), Some(107.0));
+}

@@ -96,3 +96,72 @@ fn a_delimiter_csv_core_cannot_split_on_is_an_error_not_a_panic() {
     assert_eq!(run.status.code(), Some(2), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(String::from_utf8_lossy(&run.stderr).contains("is not one ASCII character"));
 }
+
+/// The golden SKAB records with `edit` applied to the data lines at `rows` (0 = first record).
+fn golden_records_with(dir: &std::path::Path, rows: &[usize], edit: impl Fn(&str) -> Vec<u8>) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(repo().join("contracts/skab-convae/records.csv")).unwrap();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        match i {
+            0 => out.extend_from_slice(line.as_bytes()),
+            i if rows.contains(&(i - 1)) => out.extend(edit(line)),
+            _ => out.extend_from_slice(line.as_bytes()),
+        }
+        out.push(b'\n');
+    }
+    let path = dir.join("records.csv");
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+/// A SKAB record line with its last value replaced.
+fn last_value(line: &str, value: &str) -> Vec<u8> {
+    line.rsplit_once(';').map(|(a, _)| format!("{a};{value}")).unwrap().into_bytes()
+}
+
+#[test]
+fn a_huge_finite_value_is_dropped_and_counted_not_scored_as_nan() {
+    let dir = temp_dir("score-huge");
+    // A sensor's "invalid" marker: finite, but the model cannot square its scaled feature.
+    let input = golden_records_with(&dir, &[100], |line| last_value(line, "3e38"));
+    let run = score(&["--model", "models/skab-convae", "--input", input.to_str().unwrap(), "--output-format", "ndjson"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(rows.len() > 100);
+    let bad: Vec<_> = rows.iter().filter(|r| !r["score"].as_f64().is_some_and(f64::is_finite)).collect();
+    assert!(bad.is_empty(), "{} windows without a finite score, e.g. {}", bad.len(), bad[0]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("\"nan\": 1"), "{stderr}");
+}
+
+#[test]
+fn a_line_that_is_not_utf8_is_counted_as_malformed_and_scoring_goes_on() {
+    let dir = temp_dir("score-utf8");
+    let input = golden_records_with(&dir, &[100], |line| {
+        let mut bytes = line.as_bytes().to_vec();
+        bytes[25] = 0xff;
+        bytes
+    });
+    let out = dir.join("scores.csv");
+    let run = score(&["--model", "models/skab-convae", "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("\"malformed\": 1"), "{stderr}");
+    // Every line is read: the windows of the records after it are scored too.
+    let rows = std::fs::read_to_string(&out).unwrap().lines().count() - 1;
+    assert!(rows > 120, "{rows} windows");
+}
+
+#[test]
+fn windows_the_model_scores_non_finite_are_counted_not_written() {
+    let dir = temp_dir("score-overflow");
+    // Each value alone is in range (its square is finite); three in a window overflow the score.
+    let input = golden_records_with(&dir, &[100, 101, 102], |line| last_value(line, "2.5e19"));
+    let run = score(&["--model", "models/skab-convae", "--input", input.to_str().unwrap(), "--output-format", "ndjson"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 138 - 31);
+    assert!(rows.iter().all(|r| r["score"].as_f64().is_some_and(f64::is_finite)));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("107 windows scored") && stderr.contains("windows with a non-finite score (not written): 31"), "{stderr}");
+}

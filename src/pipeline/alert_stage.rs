@@ -300,6 +300,13 @@ impl AlertStage {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         for (i, meta) in batch.meta.iter().enumerate() {
             let score = scores.score[i] as f64;
+            if !score.is_finite() {
+                // Nothing to judge: counted and logged, never a silent NaN score or a missed alert.
+                if m.non_finite_score() {
+                    warn!(series = %meta.series, score, window_end_ts = meta.end_ts, "Window scored non-finite; not judged.");
+                }
+                continue;
+            }
             let obs = Observation {
                 series: &meta.series,
                 window_start_ts: meta.start_ts,

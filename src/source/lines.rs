@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use super::{Input, MAX_LINE_BATCH};
-use crate::record::MAX_LINE_BYTES;
+use crate::record::{line_text, MAX_LINE_BYTES};
 use crate::telemetry::metrics::Metrics;
 
 /// Reads one line of at most `MAX_LINE_BYTES`: a longer one is skipped to its end without being
@@ -47,12 +47,9 @@ fn finish_line(buf: &mut Vec<u8>, skipped: usize) -> Input {
     if skipped > 0 {
         return Input::Bad { reason: "too_long", detail: format!("line of {skipped} bytes or more") };
     }
-    if buf.last() == Some(&b'\r') {
-        buf.pop();
-    }
-    match String::from_utf8(std::mem::take(buf)) {
+    match line_text(std::mem::take(buf)) {
         Ok(line) => Input::Line(line, None),
-        Err(_) => Input::Bad { reason: "malformed", detail: "line is not UTF-8".into() },
+        Err(e) => Input::Bad { reason: e.reason(), detail: e.to_string() },
     }
 }
 

@@ -18,6 +18,8 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::LogEvery;
+
 /// `records_discarded_total{reason}`: parse errors (`record::ParseError::reason`, flows), late
 /// flows, Kafka messages without a key for `kafka.series_from_key`, and records over the window
 /// stage's limits (series name length, event time ahead of the clock) — the first
@@ -39,10 +41,11 @@ const DISCARD_REASONS: [&str; 12] = [
 ];
 const DEAD_LETTER_REASONS: usize = 9;
 /// `errors_total{stage, error_type}`.
-const ERROR_KINDS: [(&str, &str); 10] = [
+const ERROR_KINDS: [(&str, &str); 11] = [
     ("source", "read"),
     ("window", "unknown_category"),
     ("scoring", "inference"),
+    ("scoring", "non_finite_score"),
     ("alert", "sink"),
     ("alert", "scores_sink"),
     ("kafka", "consume"),
@@ -313,6 +316,15 @@ impl Metrics {
             m.rebalances.with_label_values(&[kind]).reset();
         }
         m
+    }
+
+    /// A window whose score came back NaN or ±inf (the model overflowed on extreme input): counted
+    /// in `errors_total{stage="scoring",error_type="non_finite_score"}`; the caller drops the
+    /// window. True when this one is to be logged (the first, then one in [`LOG_EVERY`](super::LOG_EVERY)).
+    pub fn non_finite_score(&self) -> bool {
+        let counter = self.errors.with_label_values(&["scoring", "non_finite_score"]);
+        counter.inc();
+        LogEvery::due(counter.get())
     }
 
     /// Sets the per-series gauges if the series has (or can get) a slot under the cap.

@@ -17,7 +17,13 @@ impl LogEvery {
     /// at debug at most).
     pub fn tick(&mut self) -> Option<u64> {
         self.0 += 1;
-        (self.0 % LOG_EVERY == 1).then_some(self.0)
+        Self::due(self.0).then_some(self.0)
+    }
+
+    /// Whether the `count`-th occurrence (from 1) is one to log, for counts kept elsewhere (a
+    /// metric's counter).
+    pub fn due(count: u64) -> bool {
+        count % LOG_EVERY == 1
     }
 }
 
