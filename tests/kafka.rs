@@ -52,8 +52,12 @@ impl Cluster {
     }
 
     fn create_topic(&self, name: &str, partitions: i32) {
+        self.create_topic_with(name, partitions, &[]);
+    }
+
+    fn create_topic_with(&self, name: &str, partitions: i32, config: &[(&str, &str)]) {
         let admin: AdminClient<DefaultClientContext> = self.client().create().unwrap();
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let topic = config.iter().fold(NewTopic::new(name, partitions, TopicReplication::Fixed(1)), |t, (k, v)| t.set(k, v));
         for result in runtime().block_on(admin.create_topics(&[topic], &AdminOptions::new())).unwrap() {
             result.unwrap();
         }
@@ -324,6 +328,41 @@ fn poison_messages_are_dead_lettered_and_alerts_published() {
     // The poison did not stall the partition: the commit moved past it (the last at offset 150)
     // to the window's rows.
     c.assert_commit_trails(&topic, &group, records.len() as i64 + 1 - 31);
+}
+
+#[test]
+fn a_dead_letter_over_a_megabyte_keeps_its_head_and_where_the_whole_record_is() {
+    let c = Cluster::shared();
+    let id = std::process::id();
+    let (topic, dlq, group) = (format!("big-{id}"), format!("big-dlq-{id}"), format!("big-g-{id}"));
+    // The input topic takes records of 4 MB; the dead-letter topic has the broker's default
+    // limit (about 1 MB), as a dead-letter topic created without thought would.
+    c.create_topic_with(&topic, 1, &[("max.message.bytes", "4000000")]);
+    c.create_topic(&dlq, 1);
+    let (header, records) = sample();
+    let big = format!("{};{}", records[0], "9".repeat(1_500_000));
+    let producer: FutureProducer = c.client().set("message.max.bytes", "4000000").create().unwrap();
+    runtime().block_on(async {
+        for payload in [big.as_str(), records[0].as_str()] {
+            producer.send(FutureRecord::to(&topic).key("pump").payload(payload), Duration::from_secs(10)).await.unwrap();
+        }
+    });
+    let kafka = format!("dead_letter_topic = \"{dlq}\"");
+    let config = config(&c.bootstrap, &topic, &group, &header, &kafka, "series_name = \"pump\"")
+        + "[kafka.properties]\n\"fetch.message.max.bytes\" = \"4000000\"\n";
+    let d = Daemon::start(&temp_dir("kafka-big"), &config);
+    d.wait_for(|d| d.metric("anomalyd_dead_letters_total{reason=\"too_long\"}") == Some(1.0), "the 1.5 MB record dead-lettered");
+    assert_eq!(d.metric("anomalyd_kafka_produce_errors_total{output=\"dead_letter\"}"), Some(0.0));
+    assert_eq!(d.stop(), 0);
+
+    let dead = c.read_all(&dlq);
+    assert_eq!(dead.len(), 1);
+    let (key, payload, headers) = &dead[0];
+    let h = |k: &str| headers.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    assert_eq!(key.as_deref(), Some("pump"));
+    assert_eq!((payload.len(), h("anomalyd.truncated"), h("anomalyd.original_bytes")), (900_000, "true".into(), big.len().to_string()));
+    assert!(big.starts_with(payload.as_str()), "the dead letter holds the record's head");
+    assert_eq!((h("anomalyd.source_topic"), h("anomalyd.source_offset")), (topic.clone(), "0".to_string()));
 }
 
 #[test]

@@ -291,6 +291,9 @@ pub struct KafkaConfig {
     pub auto_offset_reset: String,
     /// Records that cannot be parsed or mapped go here with their original bytes; "" = off.
     pub dead_letter_topic: String,
+    /// A dead letter's payload is cut to this many bytes (marked in its headers), so it fits the
+    /// producer's and the broker's message size limits.
+    pub dead_letter_max_bytes: usize,
     /// Every scored window (JSON, keyed by series); "" = off.
     pub scores_topic: String,
     /// Alert events (JSON, keyed by series); "" = off.
@@ -456,6 +459,9 @@ impl Config {
                 "source.replay_rate_per_sec",
                 format!("must be 0 (unthrottled) or from {MIN_REPLAY_RATE} to a finite rate, not {rate}"),
             ));
+        }
+        if self.kafka.dead_letter_max_bytes == 0 {
+            return Err(invalid("kafka.dead_letter_max_bytes", "must be >= 1"));
         }
         if self.windows.max_series_name_bytes == 0 {
             return Err(invalid("windows.max_series_name_bytes", "must be >= 1"));

@@ -42,6 +42,7 @@ pub struct KafkaSinks {
     producer: FutureProducer,
     topics: Topics,
     dead_letter_topic: Option<String>,
+    dead_letter_max_bytes: usize,
     scores_topic: Option<String>,
     alerts_topic: Option<String>,
     thresholds_topic: Option<String>,
@@ -58,7 +59,8 @@ impl KafkaSinks {
         let producer: FutureProducer =
             client_config(cfg).set("enable.idempotence", "true").create().context("kafka: creating the producer")?;
         let (dead_letter_topic, scores_topic, alerts_topic, thresholds_topic) = sinks;
-        Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, scores_topic, alerts_topic, thresholds_topic }))
+        let dead_letter_max_bytes = cfg.dead_letter_max_bytes;
+        Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, dead_letter_max_bytes, scores_topic, alerts_topic, thresholds_topic }))
     }
 
     /// Whether `dead_letter_topic` is configured (`dead_letter` sends).
@@ -99,13 +101,20 @@ impl KafkaSinks {
         let topic = self.dead_letter_topic.as_ref()?;
         let (source, partition, offset) =
             (self.topics.name(origin.ack.topic), origin.ack.partition.to_string(), origin.ack.offset.to_string());
-        let headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new()
             .insert(Header { key: "anomalyd.error", value: Some(reason) })
             .insert(Header { key: "anomalyd.error_message", value: Some(error) })
             .insert(Header { key: "anomalyd.source_topic", value: Some(source.as_str()) })
             .insert(Header { key: "anomalyd.source_partition", value: Some(partition.as_str()) })
             .insert(Header { key: "anomalyd.source_offset", value: Some(offset.as_str()) });
-        let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
+        let original = payload.len().to_string();
+        if payload.len() > self.dead_letter_max_bytes {
+            headers = headers
+                .insert(Header { key: "anomalyd.truncated", value: Some("true") })
+                .insert(Header { key: "anomalyd.original_bytes", value: Some(original.as_str()) });
+        }
+        let kept = &payload[..payload.len().min(self.dead_letter_max_bytes)];
+        let mut record = FutureRecord::to(topic).payload(kept).headers(headers);
         if let Some(key) = &origin.key {
             record = record.key(key.as_slice());
         }
