@@ -124,7 +124,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     info!(address = %listener.local_addr()?, "Admin server listening.");
     let ready = Arc::new(AtomicBool::new(false));
     let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(admin::serve(listener, AdminState { metrics: metrics.clone(), ready: ready.clone() }, admin_stop.clone()));
+    let admin_state = AdminState { metrics: metrics.clone(), ready: ready.clone() };
+    let admin = tokio::spawn(admin::serve(listener, admin_state, cfg.admin.clone(), admin_stop.clone()));
 
     let spec = WindowSpec::for_model(&model, cfg.windows.stride);
     let topics = Topics::default();
