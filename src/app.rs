@@ -183,7 +183,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     let health = Arc::new(Health::default());
     let mut tasks = Tasks::new(shutdown.clone(), health.clone());
     let admin_stop = CancellationToken::new();
-    let admin = admin::serve(listener, AdminState { metrics: metrics.clone(), health: health.clone() }, admin_stop.clone());
+    let admin_state = AdminState { metrics: metrics.clone(), health: health.clone() };
+    let admin = admin::serve(listener, admin_state, cfg.admin.clone(), admin_stop.clone());
     tasks.spawn("admin server", Ends::AtShutdown, async { admin.await.context("admin server") });
 
     let spec = WindowSpec::for_model(&model, cfg.windows.stride);

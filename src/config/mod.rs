@@ -330,6 +330,20 @@ pub struct OutputConfig {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub max_series_metrics: usize,
+    /// A connection must send each request head (line and headers) within this, or it is
+    /// closed: the first one, and the next one on a kept-alive connection.
+    pub header_read_timeout_ms: u64,
+    /// Open connections at most; at the cap a new one takes the place of the oldest one not
+    /// inside a request, or is closed at once (src/admin.rs).
+    pub max_connections: usize,
+    /// A request head (line and headers) over this is answered 431.
+    pub max_request_head_bytes: usize,
+}
+
+impl AdminConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -501,6 +515,15 @@ impl Config {
         }
         if self.output.sink == SinkKind::File && self.output.path.as_os_str().is_empty() {
             return Err(invalid("output.path", "is empty but output.sink is \"file\""));
+        }
+        if self.admin.header_read_timeout_ms == 0 {
+            return Err(invalid("admin.header_read_timeout_ms", "must be > 0"));
+        }
+        if self.admin.max_connections == 0 {
+            return Err(invalid("admin.max_connections", "must be >= 1"));
+        }
+        if !(1024..=1 << 20).contains(&self.admin.max_request_head_bytes) {
+            return Err(invalid("admin.max_request_head_bytes", "must be between 1024 and 1048576"));
         }
         if self.shutdown.drain_timeout_ms == 0 {
             return Err(invalid("shutdown.drain_timeout_ms", "must be > 0"));

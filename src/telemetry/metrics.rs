@@ -55,6 +55,32 @@ const ERROR_KINDS: [(&str, &str); 11] = [
     ("kafka", "client"),
 ];
 
+/// Why the admin server closed a connection early (`admin_connections_closed_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminClose {
+    /// At `admin.max_connections`: the oldest connection not inside a request made room.
+    Evicted,
+    /// At `admin.max_connections` with every connection inside a request: the new one.
+    Rejected,
+    /// No complete request head within `admin.header_read_timeout_ms`.
+    HeaderTimeout,
+    /// A request head over `admin.max_request_head_bytes` (answered 431).
+    HeadTooLarge,
+}
+
+impl AdminClose {
+    pub const ALL: [AdminClose; 4] = [AdminClose::Evicted, AdminClose::Rejected, AdminClose::HeaderTimeout, AdminClose::HeadTooLarge];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AdminClose::Evicted => "evicted",
+            AdminClose::Rejected => "rejected",
+            AdminClose::HeaderTimeout => "header_timeout",
+            AdminClose::HeadTooLarge => "head_too_large",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub records_received: IntCounter,
@@ -96,6 +122,7 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub rebalances: IntCounterVec,
     pub commits: IntCounterVec,
+    admin_closed: IntCounterVec,
     /// Series that own per-series gauges (the cardinality cap), each with the `model` and
     /// `top_features` labels of its `alert_info` while its alert fires (needed to remove it).
     exported: Mutex<HashMap<String, Option<[String; 2]>>>,
@@ -270,6 +297,12 @@ impl Metrics {
                 "Kafka messages not delivered, by output (dead_letter, score, alert, thresholds).",
                 &["output"],
             ),
+            admin_closed: counter_vec(
+                &r,
+                "anomalyd_admin_connections_closed_total",
+                "Admin connections closed by the server's limits, by reason (evicted, rejected, header_timeout, head_too_large).",
+                &["reason"],
+            ),
             anomaly_score,
             series_threshold,
             alert_firing,
@@ -315,6 +348,9 @@ impl Metrics {
         for kind in ["assign", "revoke", "error"] {
             m.rebalances.with_label_values(&[kind]).reset();
         }
+        for reason in AdminClose::ALL {
+            m.admin_closed.with_label_values(&[reason.label()]).reset();
+        }
         m
     }
 
@@ -325,6 +361,10 @@ impl Metrics {
         let counter = self.errors.with_label_values(&["scoring", "non_finite_score"]);
         counter.inc();
         LogEvery::due(counter.get())
+    }
+
+    pub fn admin_connection_closed(&self, reason: AdminClose) {
+        self.admin_closed.with_label_values(&[reason.label()]).inc();
     }
 
     /// Sets the per-series gauges if the series has (or can get) a slot under the cap.

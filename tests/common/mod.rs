@@ -78,11 +78,23 @@ impl Daemon {
         std::fs::write(self.dir.join("anomalyd.toml"), substitute(config, self.port, &self.dir)).unwrap();
     }
 
+    /// As [`Daemon::start_piped`], with at most `open_files` file descriptors (`ulimit -n`).
+    pub fn start_piped_with_open_files(dir: &Path, config: &str, open_files: u64) -> Daemon {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", &format!("ulimit -n {open_files} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_anomalyd")]);
+        Self::spawn_with(sh, dir, config, Stdio::piped())
+    }
+
     fn spawn(dir: &Path, config: &str, stdin: Stdio) -> Daemon {
+        Self::spawn_with(Command::new(env!("CARGO_BIN_EXE_anomalyd")), dir, config, stdin)
+    }
+
+    /// Runs `command` (the binary, or something that execs it) with `run --config`.
+    fn spawn_with(mut command: Command, dir: &Path, config: &str, stdin: Stdio) -> Daemon {
         let port = free_port();
         let path = dir.join("anomalyd.toml");
         std::fs::write(&path, substitute(config, port, dir)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_anomalyd"))
+        let child = command
             .args(["run", "--config", path.to_str().unwrap()])
             .current_dir(repo())
             .env("ANOMALYD_LOG", "info")
