@@ -482,25 +482,29 @@ fn sasl_listener_authenticates_and_a_wrong_password_is_reported() {
     c.create_topic(&alerts_topic, 1);
     let (header, records) = sample();
     c.produce(&topic, &keyed("pump", &records));
+    // `password`: a TOML value, a string or { file = ... }.
     let sasl = |group: &str, password: &str| {
         config(&c.sasl_bootstrap(), &topic, group, &header, &format!("alerts_topic = \"{alerts_topic}\""), "series_name = \"pump\"")
             + "[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"PLAIN\"\n"
-            + &format!("\"sasl.username\" = \"anomalyd\"\n\"sasl.password\" = \"{password}\"\n")
+            + &format!("\"sasl.username\" = \"anomalyd\"\n\"sasl.password\" = {password}\n")
     };
 
+    // The password from a file, as a mounted Secret or a systemd credential gives it.
     let dir = temp_dir("kafka-sasl");
-    let d = Daemon::start(&dir, &sasl(&format!("sasl-g-{id}"), "anomalyd-secret"));
+    std::fs::write(dir.join("kafka-password"), "anomalyd-secret\n").unwrap();
+    let from_file = format!("{{ file = \"{}\" }}", dir.join("kafka-password").display());
+    let d = Daemon::start(&dir, &sasl(&format!("sasl-g-{id}"), &from_file));
     d.wait_for(|d| d.metric("anomalyd_windows_scored_total") == Some(138.0), "138 windows through the SASL listener");
     assert_eq!(d.stop(), 0);
     assert!(c.read_all(&alerts_topic).iter().any(|(key, _, _)| key.as_deref() == Some("pump")), "alert produced over SASL");
 
     let dir = temp_dir("kafka-sasl-wrong");
-    let d = Daemon::start(&dir, &sasl(&format!("sasl-wrong-{id}"), "not-the-password"));
+    let d = Daemon::start(&dir, &sasl(&format!("sasl-wrong-{id}"), "\"not-the-password\""));
     d.wait_for(
         |d| d.metric("anomalyd_errors_total{error_type=\"authentication\",stage=\"kafka\"}").is_some_and(|n| n > 0.0),
         "the authentication error counted",
     );
-    assert!(d.stderr().contains("Authentication failed"), "{}", d.stderr());
+    assert!(d.stderr().contains("Authentication failed") && !d.stderr().contains("not-the-password"), "{}", d.stderr());
     assert_eq!(d.metric("anomalyd_records_received_total"), Some(0.0));
     assert_eq!(d.stop(), 0);
 }

@@ -631,6 +631,44 @@ fn helm_chart_lints_and_renders_a_hardened_deployment_with_monitoring() {
     assert!(validate.status.success(), "the chart's config: {}", text(&validate));
     assert!(text(&validate).contains("from 1380 windows (holdout))"), "validate names the threshold's sample: {}", text(&validate));
 
+    // A Kafka password from a Secret: mounted as a file that the ConfigMap names, never the value.
+    let secret = [
+        "kafka.secretProperties.sasl\\.password.secretName=kafka-credentials",
+        "kafka.secretProperties.sasl\\.password.key=password",
+        "kafka.properties.sasl\\.username=anomalyd",
+    ];
+    let with_secret = template(&secret).unwrap();
+    assert!(with_secret.iter().all(|(k, _)| k != "Secret"), "the chart creates no Secret: it mounts an existing one");
+    let configmap = doc(&with_secret, "ConfigMap");
+    let file = "/run/secrets/anomalyd/sasl.password";
+    assert!(configmap.contains(&format!("\"sasl.password\" = {{ file = \"{file}\" }}")), "{configmap}");
+    assert!(configmap.contains("\"sasl.username\" = \"anomalyd\""), "{configmap}");
+    let deployment = doc(&with_secret, "Deployment");
+    let volume = deployment.split_once("- name: kafka-secrets\n          projected:").expect("a projected Secret volume").1;
+    assert_eq!((field(volume, "name"), field(volume, "- key"), field(volume, "path")), ("kafka-credentials", "password", "sasl.password"));
+    assert!(deployment.contains("mountPath: /run/secrets/anomalyd"), "{deployment}");
+    // The daemon reads that config, with the file where the pod would have it mounted.
+    let password = dir.join("kafka-password");
+    std::fs::write(&password, "from-the-secret\n").unwrap();
+    let toml: Vec<String> = configmap
+        .split_once("anomalyd.toml: |\n")
+        .unwrap()
+        .1
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l).replace(file, password.to_str().unwrap()))
+        .collect();
+    std::fs::write(dir.join("secret.toml"), toml.join("\n")).unwrap();
+    let validate = Command::new(env!("CARGO_BIN_EXE_anomalyd"))
+        .args(["validate", "--config", dir.join("secret.toml").to_str().unwrap()])
+        .current_dir(repo())
+        .env("ANOMALYD__MODEL__PATH", "models/skab-convae")
+        .output()
+        .unwrap();
+    assert!(validate.status.success(), "the chart's config with a Secret: {}", text(&validate));
+    // Its own [kafka.properties] table would be a second one: refused with the way out.
+    let twice = template(&[secret[0], secret[1], "config=[kafka.properties]"]).unwrap_err();
+    assert!(twice.contains("config has its own [kafka.properties] table"), "{twice}");
+
     // Defaults: no Prometheus Operator objects, a fixed replica count, bundles copied from the image.
     let plain = template(&[]).unwrap();
     for kind in ["ServiceMonitor", "PrometheusRule", "HorizontalPodAutoscaler"] {
@@ -689,7 +727,10 @@ fn systemd_unit_verifies_and_its_reload_validates_before_signalling() {
     let unit = std::fs::read_to_string(repo().join("deploy/systemd/anomalyd.service")).unwrap();
     // systemd-analyze checks that the commands exist: point them at the binary under test.
     let path = dir.join("anomalyd.service");
-    std::fs::write(&path, unit.replace("/usr/bin/anomalyd", env!("CARGO_BIN_EXE_anomalyd"))).unwrap();
+    // With the Kafka password credential in use, as docs/operations.md describes.
+    assert!(unit.contains("\n#LoadCredential=kafka-password:/etc/anomalyd/kafka-password\n"), "the credential line is missing");
+    let with_credential = unit.replace("#LoadCredential=", "LoadCredential=");
+    std::fs::write(&path, with_credential.replace("/usr/bin/anomalyd", env!("CARGO_BIN_EXE_anomalyd"))).unwrap();
     let verify = run("systemd-analyze", &["verify", path.to_str().unwrap()]);
     assert!(verify.status.success() && text(&verify).trim().is_empty(), "systemd-analyze verify: {}", text(&verify));
     let security = run("systemd-analyze", &["security", "--offline=true", "--threshold=20", path.to_str().unwrap()]);

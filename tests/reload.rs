@@ -99,3 +99,19 @@ fn a_new_bundle_brings_its_own_gap_and_nan_policy() {
     assert_eq!(d.metric("anomalyd_records_discarded_total{reason=\"nan\"}"), Some(0.0));
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn a_reload_of_a_file_with_a_broken_password_line_logs_the_line_not_the_password() {
+    let dir = temp_dir("reload-secret");
+    let config = stdin_config(repo().join("models/skab-convae").to_str().unwrap(), 0.0);
+    let d = Daemon::start_piped(&dir, &config);
+    let secret = "S3cr3t-pw-4242";
+    // The closing quote is missing.
+    d.write_config(&format!("{config}[kafka.properties]\n\"sasl.password\" = \"{secret}\n"));
+    d.signal("HUP");
+    d.wait_for(|d| d.metric("anomalyd_reloads_total{result=\"error\"}").is_some_and(|v| v >= 1.0), "failed reload");
+    let log = d.stderr();
+    assert!(log.contains("Reload failed") && log.contains("line"), "{log}");
+    assert!(!log.contains(secret), "the reload error printed the password:\n{log}");
+    assert_eq!(d.stop(), 0);
+}

@@ -1,8 +1,9 @@
 //! Configuration: embedded defaults (config/anomalyd.toml) → the `--config` file → environment
 //! variables `ANOMALYD__SECTION__KEY`. Unknown keys are errors, every error names the key, and
-//! [`Config::validate`] runs the cross-field checks before any I/O.
+//! [`Config::validate`] runs the cross-field checks before any I/O. `[kafka.properties]` values
+//! given by file or variable ([`Property`]) are read at load.
 //!
-//! One file for the whole tree (about 415 lines before its tests): every section is a plain
+//! One file for the whole tree (about 660 lines before its tests): every section is a plain
 //! struct whose field docs are the reference, next to the checks across sections.
 
 use std::collections::BTreeMap;
@@ -305,8 +306,136 @@ pub struct KafkaConfig {
     pub thresholds_topic: String,
     /// The message key names the series, instead of `mapping.series_fields`.
     pub series_from_key: bool,
-    /// Any librdkafka property (TLS, SASL, timeouts, ...), passed through to consumer and producer.
-    pub properties: BTreeMap<String, String>,
+    /// Any librdkafka property (TLS, SASL, timeouts, ...), passed through to consumer and producer:
+    /// a string, or `{ file = "PATH" }` / `{ env = "VARIABLE" }` read at load ([`Property`]).
+    pub properties: BTreeMap<String, Property>,
+}
+
+/// `ANOMALYD__KAFKA__PROPERTIES__SASL.PASSWORD` (or `…__SASL__PASSWORD`) sets `sasl.password`.
+/// The config crate cannot: it reads every `.` of a variable's key as a level of nesting, so the
+/// value would land in a table `sasl = { password = … }` where a string is expected.
+const PROPERTY_ENV_PREFIX: &str = "ANOMALYD__KAFKA__PROPERTIES__";
+
+/// A `[kafka.properties]` value: a string in the config, or read when the config is loaded from
+/// a file (`{ file = "/run/secrets/kafka-password" }`, without its trailing newline) or an
+/// environment variable (`{ env = "KAFKA_PASSWORD" }`), so that a secret need not sit in the
+/// config. Neither `Debug` nor any error prints a value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Property {
+    from: PropertySource,
+    /// What librdkafka gets; for a file or a variable, read by [`Config::load`].
+    value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PropertySource {
+    Inline,
+    File(PathBuf),
+    Env(String),
+}
+
+impl Property {
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    fn inline(value: String) -> Property {
+        Property { from: PropertySource::Inline, value }
+    }
+
+    /// Reads the value of a file or a variable from `env`; errors name `key` and where it was
+    /// looked for, never what was found.
+    fn resolve(&mut self, key: &str, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        let key = format!("kafka.properties.{key}");
+        self.value = match &self.from {
+            PropertySource::Inline => return Ok(()),
+            PropertySource::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| invalid(&key, format!("cannot read {}: {e}", path.display())))?;
+                let value = text.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&text);
+                if value.is_empty() {
+                    return Err(invalid(&key, format!("{} is empty", path.display())));
+                }
+                value.to_string()
+            }
+            PropertySource::Env(name) => {
+                env.get(name).cloned().ok_or_else(|| invalid(&key, format!("environment variable {name} is not set")))?
+            }
+        };
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Property {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.from {
+            PropertySource::Inline => f.write_str("<value>"),
+            PropertySource::File(path) => write!(f, "{{ file = {path:?} }}"),
+            PropertySource::Env(name) => write!(f, "{{ env = {name:?} }}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Property {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Property, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Property;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string, { file = \"PATH\" } or { env = \"VARIABLE\" }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Property, E> {
+                Ok(Property::inline(v.to_string()))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Property, E> {
+                Ok(Property::inline(v.to_string()))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Property, E> {
+                Ok(Property::inline(v.to_string()))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Property, E> {
+                Ok(Property::inline(v.to_string()))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Property, E> {
+                Ok(Property::inline(v.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Property, A::Error> {
+                let from = match map.next_key::<String>()?.as_deref() {
+                    Some("file") => PropertySource::File(map.next_value()?),
+                    Some("env") => PropertySource::Env(map.next_value()?),
+                    Some(other) => return Err(serde::de::Error::unknown_field(other, &["file", "env"])),
+                    None => return Err(serde::de::Error::invalid_length(0, &self)),
+                };
+                if map.next_key::<String>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(2, &self));
+                }
+                Ok(Property { from, value: String::new() })
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
+}
+
+impl KafkaConfig {
+    /// Applies the `ANOMALYD__KAFKA__PROPERTIES__*` overrides of `env`, then reads the values
+    /// given by file or variable.
+    fn resolve_properties(&mut self, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        for (name, value) in env {
+            if let Some(key) = name.strip_prefix(PROPERTY_ENV_PREFIX) {
+                self.properties.insert(key.replace("__", ".").to_lowercase(), Property::inline(value.clone()));
+            }
+        }
+        for (key, property) in &mut self.properties {
+            property.resolve(key, env)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -389,6 +518,20 @@ fn renamed_env_key(key: &str) -> String {
     key.to_string()
 }
 
+/// A TOML syntax error as "line L, column C: what is wrong". Not the parser's own message, which
+/// quotes the line, and so a password on it.
+fn check_syntax(text: &str) -> Result<(), String> {
+    let error = match toml::de::DeTable::parse(text) {
+        Ok(_) => return Ok(()),
+        Err(error) => error,
+    };
+    let at = error.span().map_or(0, |s| s.start).min(text.len());
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    Err(format!("TOML syntax error at line {line}, column {column}: {}", error.message().trim_end()))
+}
+
 impl Config {
     /// `label_names`: the series fields in force (the mapping's, or the bundle's series columns).
     pub fn alert_rules(&self, label_names: &[String]) -> AlertRules {
@@ -402,17 +545,23 @@ impl Config {
 
     /// As [`Config::load`], with the environment given (tests).
     pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (renamed_env_key(&k), v)).collect();
+        let env: BTreeMap<String, String> = env.into_iter().map(|(k, v)| (renamed_env_key(&k), v)).collect();
         let mut builder = config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
         let mut name = "defaults".to_string();
         if let Some(path) = file {
             name = path.display().to_string();
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::Load { source_name: name.clone(), message: format!("cannot read: {e}") })?;
-            builder = builder.add_source(config::File::from_str(&renamed_sections(&text, &name), config::FileFormat::Toml));
+            let text = renamed_sections(&text, &name);
+            check_syntax(&text).map_err(|message| ConfigError::Load { source_name: name.clone(), message })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
-        let env: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("ANOMALYD__")).collect();
-        if !env.is_empty() {
+        let settings: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("ANOMALYD__") && !k.starts_with(PROPERTY_ENV_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if env.keys().any(|k| k.starts_with("ANOMALYD__")) {
             name = format!("{name} + environment");
         }
         builder = builder.add_source(
@@ -423,10 +572,11 @@ impl Config {
                 .list_separator(",")
                 .with_list_parse_key("mapping.series_fields")
                 .with_list_parse_key("source.csv_columns")
-                .source(Some(env)),
+                .source(Some(settings)),
         );
         let load = |e: config::ConfigError| ConfigError::Load { source_name: name.clone(), message: e.to_string() };
-        let cfg: Config = builder.build().map_err(load)?.try_deserialize().map_err(load)?;
+        let mut cfg: Config = builder.build().map_err(load)?.try_deserialize().map_err(load)?;
+        cfg.kafka.resolve_properties(&env)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -587,6 +737,41 @@ mod tests {
         assert_eq!((rules.policy_for("abc").fire_hits, rules.policy_for("abbc").fire_hits), (2, 1), "? is one character");
         let e = load("[[alert_overrides]]\nlabels = { dc = \"eu-[\" }\nfire_hits = 2\nfire_windows = 3\n", &[]).unwrap_err().to_string();
         assert!(e.starts_with("alert_overrides[0].labels.dc:") && e.contains("unclosed character class"), "{e}");
+    }
+
+    #[test]
+    fn kafka_properties_come_from_the_file_a_variable_or_an_override_and_debug_prints_none() {
+        let secret = std::env::temp_dir().join(format!("anomalyd-cfg-secret-{}", std::process::id()));
+        std::fs::write(&secret, "from-file\r\n").unwrap();
+        let toml = format!(
+            "[kafka.properties]\n\"a\" = \"inline\"\n\"b\" = {{ file = \"{}\" }}\n\"c\" = {{ env = \"C_VALUE\" }}\n\"d\" = 5\n",
+            secret.display()
+        );
+        let cfg = load(&toml, &[("C_VALUE", "from-env"), ("ANOMALYD__KAFKA__PROPERTIES__SASL__PASSWORD", "from-override")]).unwrap();
+        let _ = std::fs::remove_file(&secret);
+        let values: Vec<(&str, &str)> = cfg.kafka.properties.iter().map(|(k, v)| (k.as_str(), v.value())).collect();
+        assert_eq!(values, [("a", "inline"), ("b", "from-file"), ("c", "from-env"), ("d", "5"), ("sasl.password", "from-override")]);
+        let debug = format!("{cfg:?}");
+        assert!(["inline", "from-file", "from-env", "from-override"].iter().all(|v| !debug.contains(v)), "{debug}");
+        assert!(debug.contains("C_VALUE"), "{debug}");
+
+        let e = load("[kafka.properties]\n\"x\" = { fil = \"/a\" }\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("fil") && e.contains("kafka.properties"), "{e}");
+        let e = load("[kafka.properties]\n\"x\" = { env = \"NOT_SET_ANYWHERE\" }\n", &[]).unwrap_err().to_string();
+        assert_eq!(e, "kafka.properties.x: environment variable NOT_SET_ANYWHERE is not set");
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_line_and_column_but_quote_nothing() {
+        for toml in [
+            "[kafka.properties]\n\"sasl.password\" = \"hunter2\n",
+            "[kafka.properties]\n\"sasl.password\" = hunter2\n",
+            "[kafka.properties]\n\"sasl.password\" = \"hunter2\" hunter3\n",
+            "[kafka.properties]\n\"sasl.password\" = \"hunt\\qer2\"\n",
+        ] {
+            let e = load(toml, &[]).unwrap_err().to_string();
+            assert!(e.contains("TOML syntax error at line 2, column ") && !e.contains("hunt"), "{e}");
+        }
     }
 
     #[test]

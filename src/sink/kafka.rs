@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tracing::{error, warn};
 
 use crate::config::KafkaConfig;
-use crate::source::kafka::{client_config, Topics};
+use crate::source::kafka::{client_config, create_client, Topics};
 use crate::source::Origin;
 
 /// Which Kafka output a message was for (a metric label).
@@ -56,8 +56,9 @@ impl KafkaSinks {
         if sinks == (None, None, None, None) {
             return Ok(None);
         }
-        let producer: FutureProducer =
-            client_config(cfg).set("enable.idempotence", "true").create().context("kafka: creating the producer")?;
+        let mut client = client_config(cfg);
+        client.set("enable.idempotence", "true");
+        let producer: FutureProducer = create_client(cfg, "producer", || client.create())?;
         let (dead_letter_topic, scores_topic, alerts_topic, thresholds_topic) = sinks;
         let dead_letter_max_bytes = cfg.dead_letter_max_bytes;
         Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, dead_letter_max_bytes, scores_topic, alerts_topic, thresholds_topic }))

@@ -54,9 +54,39 @@ pub(crate) fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &cfg.brokers);
     for (k, v) in &cfg.properties {
-        client.set(k, v);
+        client.set(k, v.value());
     }
     client
+}
+
+/// Creates a librdkafka client (`what`: "consumer", ...) with `create`. An error names the
+/// setting librdkafka refused and its reason, never a value: rdkafka's own message ends with the
+/// value, and librdkafka's reason may quote it, so a password would be printed.
+pub(crate) fn create_client<T>(cfg: &KafkaConfig, what: &str, create: impl FnOnce() -> KafkaResult<T>) -> Result<T> {
+    create().map_err(|error| anyhow::anyhow!("kafka: creating the {what}: {}", without_values(&error, cfg)))
+}
+
+/// `error`'s message with the value it was about and every `[kafka.properties]` value (of four
+/// characters or more: shorter ones are not secrets, and would garble the text) replaced.
+fn without_values(error: &KafkaError, cfg: &KafkaConfig) -> String {
+    const HIDDEN: &str = "<value>";
+    let (mut text, refused) = match error {
+        KafkaError::ClientConfig(_, reason, key, value) => {
+            let setting = match key.as_str() {
+                "bootstrap.servers" => "kafka.brokers".to_string(),
+                "group.id" => "kafka.group_id".to_string(),
+                "auto.offset.reset" => "kafka.auto_offset_reset".to_string(),
+                key => format!("kafka.properties.{key}"),
+            };
+            (format!("{setting}: {reason}"), Some(value.as_str()).filter(|v| !v.is_empty()))
+        }
+        error => (error.to_string(), None),
+    };
+    let values = cfg.properties.values().map(|p| p.value()).filter(|v| v.len() >= 4);
+    for value in refused.into_iter().chain(values) {
+        text = text.replace(value, HIDDEN);
+    }
+    text
 }
 
 /// Partitions given to (`true`) or taken from this consumer, by topic name: from the rebalance
@@ -188,13 +218,12 @@ pub fn connect(cfg: &KafkaConfig, topics: Topics, metrics: Arc<Metrics>) -> Resu
         }
     }
     let (moved_tx, moved) = mpsc::unbounded_channel();
-    let consumer: ObservedConsumer = client
+    client
         .set("group.id", &cfg.group_id)
         .set("auto.offset.reset", &cfg.auto_offset_reset)
         .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .create_with_context(Observed { metrics, moved: moved_tx })
-        .context("kafka: creating the consumer")?;
+        .set("enable.auto.offset.store", "false");
+    let consumer: ObservedConsumer = create_client(cfg, "consumer", || client.create_with_context(Observed { metrics, moved: moved_tx }))?;
     let names: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names).with_context(|| format!("kafka.topics: subscribing to {names:?}"))?;
     let consumer = Arc::new(consumer);
@@ -280,12 +309,12 @@ fn rebalance_marker(topics: &Topics, (assigned, partitions): Moved) -> Input {
 /// changelog), read from their start to their end as of now by a consumer of no group; blocking.
 /// A key that is not UTF-8 is read lossily (its value then fails to restore and is counted).
 pub fn read_to_end(cfg: &KafkaConfig, topic: &str, partitions: &[i32], timeout: std::time::Duration) -> Result<Vec<Record>> {
-    let consumer: BaseConsumer = client_config(cfg)
+    let mut client = client_config(cfg);
+    client
         .set("group.id", format!("{}-changelog-reader", cfg.group_id))
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .context("kafka: creating the changelog reader")?;
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = create_client(cfg, "changelog reader", || client.create())?;
     let deadline = std::time::Instant::now() + timeout;
     let mut assignment = TopicPartitionList::new();
     let mut ends = std::collections::HashMap::new();

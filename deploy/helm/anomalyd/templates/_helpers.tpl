@@ -49,3 +49,25 @@ The pod's grace period: above the drain deadline, or the kubelet's SIGKILL cuts 
 {{- int .Values.terminationGracePeriodSeconds }}
 {{- end }}
 {{- end }}
+
+{{/*
+The daemon's config: `config`, then the chart's [kafka.properties] (kafka.properties and, as files
+mounted from Secrets, kafka.secretProperties).
+*/}}
+{{- define "anomalyd.secretsDir" -}}/run/secrets/anomalyd{{- end }}
+{{- define "anomalyd.config" -}}
+{{- .Values.config }}
+{{- if or .Values.kafka.properties .Values.kafka.secretProperties }}
+{{- if regexMatch "(?m)^\\s*\\[\\s*kafka\\s*\\.\\s*properties\\s*\\]" .Values.config }}
+{{- fail "config has its own [kafka.properties] table: move its keys to kafka.properties (or kafka.secretProperties), which the chart adds as that table" }}
+{{- end }}
+# Added by the chart (kafka.properties, kafka.secretProperties).
+[kafka.properties]
+{{- range $key, $value := .Values.kafka.properties }}
+{{ $key | quote }} = {{ $value | toString | quote }}
+{{- end }}
+{{- range $key, $ref := .Values.kafka.secretProperties }}
+{{ $key | quote }} = { file = {{ printf "%s/%s" (include "anomalyd.secretsDir" $) $key | quote }} }
+{{- end }}
+{{- end }}
+{{- end }}
