@@ -31,6 +31,18 @@ impl Column {
         };
         (t - self.mean) / self.std
     }
+
+    /// The raw values whose scaled feature is within ±[`MAX_SCALED`]: an interval, since scaling
+    /// does not decrease (log1p of a value below 0 is that of 0).
+    fn raw_range(&self) -> (f64, f64) {
+        let (low, high) = (self.mean - MAX_SCALED * self.std, self.mean + MAX_SCALED * self.std);
+        match self.transform {
+            Transform::None | Transform::OneHot => (low, high),
+            // log1p(max(x, 0)) is at least 0: every value is in range below, or none at all.
+            Transform::Log1p if high < 0.0 => (f64::INFINITY, f64::NEG_INFINITY),
+            Transform::Log1p => (if low <= 0.0 { f64::NEG_INFINITY } else { low.exp_m1() }, high.exp_m1()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -41,8 +53,8 @@ pub struct Preprocessor {
     one_hot: HashMap<usize, HashMap<String, usize>>,
     /// Columns taken relative to their window's mean.
     centered: Vec<usize>,
-    /// Per source field: the numeric columns it feeds.
-    numeric: Vec<Vec<usize>>,
+    /// Per source field: the raw values every numeric column it feeds takes in range.
+    ranges: Vec<(f64, f64)>,
 }
 
 impl Preprocessor {
@@ -69,11 +81,12 @@ impl Preprocessor {
             columns.push(Column { source, transform: c.transform, mean: c.mean, std: c.std });
         }
         let centered = meta_columns.iter().enumerate().filter(|(_, c)| c.window == WindowTransform::Center).map(|(j, _)| j).collect();
-        let mut numeric = vec![Vec::new(); fields.len()];
-        for (j, c) in columns.iter().enumerate().filter(|(_, c)| c.transform != Transform::OneHot) {
-            numeric[c.source].push(j);
+        let mut ranges = vec![(f64::NEG_INFINITY, f64::INFINITY); fields.len()];
+        for c in columns.iter().filter(|c| c.transform != Transform::OneHot) {
+            let ((low, high), range) = (c.raw_range(), &mut ranges[c.source]);
+            *range = (range.0.max(low), range.1.min(high));
         }
-        Preprocessor { fields, columns, one_hot, centered, numeric }
+        Preprocessor { fields, columns, one_hot, centered, ranges }
     }
 
     /// The source fields a record must carry, in the order `row` expects their values.
@@ -91,7 +104,8 @@ impl Preprocessor {
     /// "invalid" marker such as 3e38 — is treated as a non-finite value by the NaN policy
     /// (contract §1): it would make the window's score inf or NaN.
     pub fn in_range(&self, field: usize, x: f64) -> bool {
-        x.is_finite() && self.numeric[field].iter().all(|&j| self.columns[j].scaled(x).abs() <= MAX_SCALED)
+        let (low, high) = self.ranges[field];
+        x.is_finite() && low <= x && x <= high
     }
 
     /// Writes the scaled row for `values` (numerics [`in_range`](Self::in_range), as the NaN policy leaves them) into

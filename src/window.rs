@@ -11,7 +11,8 @@
 //!
 //! A record is dropped (and the caller counts it) when its event time is not after the last one
 //! seen for its series (`out_of_order`), or when a numeric value is missing / NaN / ±inf (or so
-//! large that its scaled feature is no finite f32) and the NaN policy cannot resolve it (`nan`).
+//! large that the model cannot score it: `Preprocessor::in_range`) and the NaN policy cannot
+//! resolve it (`nan`).
 //! The order check uses every record that passed it, the gap check only rows that were kept — the
 //! trainer drops duplicate timestamps before the NaN policy, and cuts segments after it.
 

@@ -259,9 +259,8 @@ impl AlertStage {
     }
 
     /// Handles a batch, then hands what it produced on Kafka and its offsets to the committer,
-    /// which stores the offsets once the outputs are delivered.
-    /// A batch's windows judged and written, then its offsets to the committer. A batch that
-    /// could not be scored fails the stage before its offsets go: a restart scores it again.
+    /// which stores the offsets once the outputs are delivered. A batch that could not be scored
+    /// fails the stage before its offsets go: a restart scores it again.
     async fn complete(&mut self, scored: Scored) -> Result<()> {
         let mut batch = scored.batch;
         let scores = scored.scores.map_err(|error| {

@@ -84,9 +84,15 @@ struct Limits {
     max_series_name_bytes: usize,
     /// 0 = no limit.
     max_future_secs: f64,
+    /// The clock, read once per batch of lines rather than per record.
+    now: f64,
 }
 
 impl Limits {
+    fn clock_now(&mut self) {
+        self.now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    }
+
     /// Refuses a series name over the length limit, and an event time too far ahead of the
     /// clock (it would reject its series' later records as out of order, and move event-time
     /// idle eviction past every other series): (reason, detail).
@@ -98,11 +104,10 @@ impl Limits {
             return Err(("series_name_too_long", detail));
         }
         if let (Some(ts), true) = (ts, self.max_future_secs > 0.0) {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-            if ts > now + self.max_future_secs {
+            if ts > self.now + self.max_future_secs {
                 let detail = format!(
                     "series {series}: event time {ts} is {:.0} s ahead of the clock (windows.max_future_secs = {})",
-                    ts - now,
+                    ts - self.now,
                     self.max_future_secs
                 );
                 return Err(("future_timestamp", detail));
@@ -147,7 +152,11 @@ impl WindowStage {
             offsets_dirty: false,
             sinks,
             series_from_key: cfg.kafka.series_from_key,
-            limits: Limits { max_series_name_bytes: cfg.windows.max_series_name_bytes, max_future_secs: cfg.windows.max_future_secs },
+            limits: Limits {
+                max_series_name_bytes: cfg.windows.max_series_name_bytes,
+                max_future_secs: cfg.windows.max_future_secs,
+                now: 0.0,
+            },
         };
         stage.batch = stage.new_batch();
         stage
@@ -381,6 +390,7 @@ impl WindowStage {
                 }
             };
             let Some(inputs) = input else { break };
+            self.limits.clock_now();
             for input in inputs {
                 let alive = match input {
                     Input::Bad { reason, detail } => {
