@@ -271,6 +271,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, shutdown: Cancellati
     if cfg.source.kind == SourceKind::Kafka && streaming && cfg.kafka.thresholds_topic.is_empty() {
         warn!("Per-series thresholds with a Kafka consumer group: a series whose partition moves to another consumer starts its threshold again there; kafka.thresholds_topic makes thresholds follow their partitions (docs/thresholds.md, \"With a Kafka consumer group\").");
     }
+    if cfg.source.kind == SourceKind::Kafka && cfg.windows.stride > 1 && cfg.kafka.checkpoints_topic.is_empty() {
+        warn!(stride = cfg.windows.stride, "Windows at a stride from Kafka without kafka.checkpoints_topic: a replay (after a crash, or a partition moving) starts each series' stride anew, so some windows are never scored and others end on other rows (docs/ARCHITECTURE.md, \"Window checkpoints\").");
+    }
     info!(model = %model.meta.name, threshold = in_use.threshold, "Ready.");
 
     let outcome = watch(&mut tasks, &shutdown, cfg.shutdown.drain_timeout()).await;

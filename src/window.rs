@@ -15,6 +15,10 @@
 //! resolve it (`nan`).
 //! The order check uses every record that passed it, the gap check only rows that were kept — the
 //! trainer drops duplicate timestamps before the NaN policy, and cuts segments after it.
+//!
+//! Windows end every S rows counted from the segment's start (the stride phase). A series resumed
+//! on a Kafka replay ([`Windower::resume`], from the state a push gave at a record that starts a
+//! window) enters Warming with its row count kept, so its windows end on the same rows as before.
 
 use std::collections::HashMap;
 
@@ -77,9 +81,32 @@ pub struct Pushed {
     pub outcome: Outcome,
     /// A categorical value unseen in training (the row is kept with that field's one-hot all 0).
     pub unknown_category: bool,
-    /// How many of this series' newest records (this one included) its next window still needs:
-    /// min(rows in segment, W − 1). Meaningless for a dropped record, which changes nothing.
+    /// How many of this series' newest records (this one included) a replay must start from so
+    /// that the next window is built in this series' stride phase: back to that window's first
+    /// row, or (at S > 1, when that row is still to come) to the previous window's first row.
+    /// Meaningless for a dropped record, which changes nothing.
     pub held: usize,
+    /// When this record is the first row of a window: the series' state just before it, from
+    /// which a replay can resume the series here in the same phase ([`Windower::resume_point`]).
+    pub start: Option<StartPoint>,
+}
+
+/// A series' counters just before a record that starts a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StartPoint {
+    pub rows_in_segment: u64,
+    pub last_seen_ts: f64,
+    pub last_kept_ts: f64,
+    pub seq: u64,
+}
+
+/// What a replay needs to resume a series at a record that starts a window, in the phase the
+/// series had: its counters before that record, and its last valid values (for `ffill`; those
+/// after the record serve as well, as the record itself sets only the fields it has).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resume {
+    pub at: StartPoint,
+    pub last_valid: Vec<f64>,
 }
 
 struct Series {
@@ -87,8 +114,11 @@ struct Series {
     ring: Vec<f32>,
     times: Vec<f64>,
     next: usize,
-    /// Rows in the current segment (saturates meaningfully only up to the stride arithmetic).
+    /// Rows in the current segment: their count sets the stride phase.
     rows_in_segment: u64,
+    /// Rows of the segment in the ring since it started or the series resumed (a resumed series
+    /// counts its rows on, with an empty ring): a window needs W of them.
+    filled: u64,
     last_seen_ts: f64,
     last_kept_ts: f64,
     /// Sequence number for inputs without event time.
@@ -160,7 +190,38 @@ impl Windower {
     /// Recounted rather than tracked per removal: removals are rare and the count must stay exact.
     fn recount_warming(&mut self) {
         let w = self.spec.length as u64;
-        self.warming = self.series.values().filter(|s| s.rows_in_segment < w).count();
+        self.warming = self.series.values().filter(|s| s.filled < w).count();
+    }
+
+    /// The state to resume `series` from at a record that starts a window, whose `start` this
+    /// push returned; `None` if the series is gone.
+    pub fn resume_point(&self, series: &str, start: StartPoint) -> Option<Resume> {
+        self.series.get(series).map(|s| Resume { at: start, last_valid: s.last_valid.clone() })
+    }
+
+    /// Starts `series` from `resume`, in the phase it had: its next record is the first row of a
+    /// window. False (and nothing changes) when the series is live, the cap is reached, or the
+    /// state is for another model's fields.
+    pub fn resume(&mut self, series: &str, resume: &Resume) -> bool {
+        let (w, f) = (self.spec.length, self.pre.width());
+        if self.series.contains_key(series) || self.series.len() >= self.max_series || resume.last_valid.len() != self.pre.fields().len() {
+            return false;
+        }
+        let at = resume.at;
+        let state = Series {
+            ring: vec![0.0; w * f],
+            times: vec![0.0; w],
+            next: 0,
+            rows_in_segment: at.rows_in_segment,
+            filled: 0,
+            last_seen_ts: at.last_seen_ts,
+            last_kept_ts: at.last_kept_ts,
+            seq: at.seq,
+            last_valid: resume.last_valid.clone(),
+        };
+        self.series.insert(series.to_string(), state);
+        self.warming += 1;
+        true
     }
 
     /// Feeds one record; when it completes a window, appends `W × F` f32 (oldest row first) to `out`.
@@ -169,7 +230,7 @@ impl Windower {
         let n_fields = self.pre.fields().len();
         if !self.series.contains_key(&record.series) {
             if self.series.len() >= self.max_series {
-                return Pushed { outcome: Outcome::Dropped(Dropped::SeriesLimit), unknown_category: false, held: 0 };
+                return Pushed { outcome: Outcome::Dropped(Dropped::SeriesLimit), unknown_category: false, held: 0, start: None };
             }
             self.warming += 1;
         }
@@ -178,16 +239,23 @@ impl Windower {
             times: vec![0.0; w],
             next: 0,
             rows_in_segment: 0,
+            filled: 0,
             last_seen_ts: f64::NEG_INFINITY,
             last_kept_ts: f64::NEG_INFINITY,
             seq: 0,
             last_valid: vec![f64::NAN; n_fields],
         });
+        let before = StartPoint {
+            rows_in_segment: state.rows_in_segment,
+            last_seen_ts: state.last_seen_ts,
+            last_kept_ts: state.last_kept_ts,
+            seq: state.seq,
+        };
         let ts = record.ts.unwrap_or_else(|| {
             state.seq += 1;
             (state.seq - 1) as f64
         });
-        let dropped = |d| Pushed { outcome: Outcome::Dropped(d), unknown_category: false, held: 0 };
+        let dropped = |d| Pushed { outcome: Outcome::Dropped(d), unknown_category: false, held: 0, start: None };
         if ts <= state.last_seen_ts {
             return dropped(Dropped::OutOfOrder);
         }
@@ -215,10 +283,11 @@ impl Windower {
         }
 
         if self.spec.max_gap_secs > 0.0 && ts - state.last_kept_ts > self.spec.max_gap_secs {
-            if state.rows_in_segment >= w as u64 {
+            if state.filled >= w as u64 {
                 self.warming += 1;
             }
             state.rows_in_segment = 0;
+            state.filled = 0;
         }
         state.last_kept_ts = ts;
 
@@ -227,23 +296,40 @@ impl Windower {
         state.times[state.next] = ts;
         state.next = (state.next + 1) % w;
         state.rows_in_segment += 1;
-        if state.rows_in_segment == w as u64 {
+        state.filled += 1;
+        if state.filled == w as u64 {
             self.warming -= 1;
         }
 
         let n = state.rows_in_segment;
         let (w64, s64) = (w as u64, self.spec.stride as u64);
-        // The next window needs the last W-1 rows (fewer while the segment is shorter).
-        let held = n.min(w64 - 1) as usize;
-        if n < w64 || (n - w64) % s64 != 0 {
-            return Pushed { outcome: Outcome::Buffered, unknown_category, held };
+        // Window k holds rows kS+1 ..= kS+W of the segment.
+        let start = ((n - 1) % s64 == 0).then_some(before);
+        let held = held(n, w64, s64) as usize;
+        if state.filled < w64 || (n - w64) % s64 != 0 {
+            return Pushed { outcome: Outcome::Buffered, unknown_category, held, start };
         }
         // Oldest row first: the ring from `next` to the end, then from the start to `next`.
-        let start = out.len();
+        let at = out.len();
         out.extend_from_slice(&state.ring[state.next * f..]);
         out.extend_from_slice(&state.ring[..state.next * f]);
-        self.pre.finish_window(&mut out[start..]);
-        Pushed { outcome: Outcome::Window { start_ts: state.times[state.next], end_ts: ts }, unknown_category, held }
+        self.pre.finish_window(&mut out[at..]);
+        Pushed { outcome: Outcome::Window { start_ts: state.times[state.next], end_ts: ts }, unknown_category, held, start }
+    }
+}
+
+/// After row `n` of a segment at W = `w`, S = `s`: how many of its newest rows a replay must
+/// start from ([`Pushed::held`]). The next window is the first to end after row n; when its
+/// first row is still to come (S > W, or W = 1), the previous window's first row keeps the
+/// phase: a replay scores that window again. At S = 1 any row is a window's first, and nothing
+/// is held then.
+fn held(n: u64, w: u64, s: u64) -> u64 {
+    let next = if n < w { 0 } else { (n - w) / s + 1 };
+    let first = next * s + 1;
+    match (first <= n, s) {
+        (true, _) => n - first + 1,
+        (false, 1) => 0,
+        (false, _) => n - (first - s) + 1,
     }
 }
 

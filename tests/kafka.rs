@@ -117,20 +117,24 @@ impl Cluster {
         assert!((needed - 15..=needed).contains(&committed), "committed {committed}, the oldest needed record {needed}");
     }
 
+    /// The `(series, window_end_ts)` of every score on the scores topic.
+    fn scored(&self, scores_topic: &str) -> HashSet<(String, i64)> {
+        self.read_all(scores_topic)
+            .iter()
+            .map(|(key, payload, _)| {
+                let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+                assert_eq!(key.as_deref(), v["series"].as_str(), "scores are keyed by series");
+                (v["series"].as_str().unwrap().to_string(), v["window_end_ts"].as_f64().unwrap() as i64)
+            })
+            .collect()
+    }
+
     /// Polls the scores topic until every `(series, window_end_ts)` of `want` is on it; returns
     /// those still missing after `timeout`.
     fn wait_for_scores(&self, scores_topic: &str, want: &[(String, i64)], timeout: Duration) -> Vec<(String, i64)> {
         let started = Instant::now();
         loop {
-            let seen: HashSet<(String, i64)> = self
-                .read_all(scores_topic)
-                .iter()
-                .map(|(key, payload, _)| {
-                    let v: serde_json::Value = serde_json::from_str(payload).unwrap();
-                    assert_eq!(key.as_deref(), v["series"].as_str(), "scores are keyed by series");
-                    (v["series"].as_str().unwrap().to_string(), v["window_end_ts"].as_f64().unwrap() as i64)
-                })
-                .collect();
+            let seen = self.scored(scores_topic);
             let missing: Vec<_> = want.iter().filter(|w| !seen.contains(*w)).cloned().collect();
             if missing.is_empty() || started.elapsed() > timeout {
                 return missing;
@@ -201,9 +205,33 @@ fn interleaved(n: usize, rows: usize, series_column: bool) -> (Vec<String>, Vec<
     (columns, records)
 }
 
-/// Every window of `n` series whose rows `from..to` end (W = 32 rows, one row per second).
-fn windows(n: usize, from: usize, to: usize) -> Vec<(String, i64)> {
-    (0..n).flat_map(|s| (from.max(31)..to).map(move |i| (format!("s{s}"), 1_700_000_000 + i as i64))).collect()
+/// Every window of `n` series whose rows `from..to` end at `stride` (W = 32 rows, one row per
+/// second; the first window ends on row 31, the next ones every `stride` rows).
+fn windows(n: usize, from: usize, to: usize, stride: usize) -> Vec<(String, i64)> {
+    let ends = move || (from.max(31)..to).filter(move |i| (i - 31) % stride == 0);
+    (0..n).flat_map(|s| ends().map(move |i| (format!("s{s}"), 1_700_000_000 + i as i64))).collect()
+}
+
+/// A record's series (its key) and event time (the payload's first field).
+fn series_ts((series, payload, _): &Record) -> (String, i64) {
+    (series.clone(), payload.split(';').next().unwrap().parse().unwrap())
+}
+
+/// Puts series "s{k}" k rows behind "s0", so that a replay from one offset reaches the series of
+/// a partition at different rows of a stride.
+fn skewed(mut records: Vec<Record>) -> Vec<Record> {
+    records.sort_by_key(|r| {
+        let (series, ts) = series_ts(r);
+        let k: i64 = series[1..].parse().unwrap();
+        (ts + k, k)
+    });
+    records
+}
+
+/// Of `all` windows, those that a record of `produced` ends.
+fn ended_by(all: &[(String, i64)], produced: &[Record]) -> Vec<(String, i64)> {
+    let ends: HashSet<_> = produced.iter().map(series_ts).collect();
+    all.iter().filter(|w| ends.contains(*w)).cloned().collect()
 }
 
 const TIME_MAPPING: &str = "[mapping]\ntimestamp_field = \"ts\"\ntimestamp_format = \"unix_s\"\n";
@@ -243,15 +271,33 @@ fn produced_records_are_scored_alerted_and_committed() {
 
 #[test]
 fn after_kill_9_every_window_is_on_the_scores_topic() {
+    kill_9_and_replay(1);
+}
+
+#[test]
+fn after_kill_9_every_window_at_a_stride_is_on_the_scores_topic_and_none_off_it() {
+    kill_9_and_replay(3);
+}
+
+/// 5 series × 400 rows at `stride`, [`skewed`]; the daemon is killed after the first
+/// half, and a new one replays from the committed offset (at a stride, resuming each series from
+/// its checkpoint): every window is on the scores topic, and none that the stride does not place.
+fn kill_9_and_replay(stride: usize) {
     let c = Cluster::shared();
-    let id = std::process::id();
+    let id = format!("{}-{stride}", std::process::id());
     let (topic, scores, group) = (format!("crash-{id}"), format!("crash-scores-{id}"), format!("anomalyd-crash-{id}"));
     c.create_topic(&topic, 1);
     c.create_topic(&scores, 1);
+    let mut kafka = format!("scores_topic = \"{scores}\"");
+    if stride > 1 {
+        let checkpoints = format!("crash-checkpoints-{id}");
+        c.create_topic_with(&checkpoints, 1, &[("cleanup.policy", "compact")]);
+        kafka += &format!("\ncheckpoints_topic = \"{checkpoints}\"");
+    }
     let (columns, records) = interleaved(5, 400, true);
-    let dir = temp_dir("kafka-crash");
-    let kafka = format!("scores_topic = \"{scores}\"");
-    let extra = format!("{TIME_MAPPING}series_fields = [\"series\"]\n");
+    let records = skewed(records);
+    let dir = temp_dir(&format!("kafka-crash-{stride}"));
+    let extra = format!("{TIME_MAPPING}series_fields = [\"series\"]\n[windows]\nstride = {stride}\n");
     // The killed member's partition moves once the broker gives up on it: keep that short.
     let config = config(&c.bootstrap, &topic, &group, &columns, &kafka, &extra)
         + "[kafka.properties]\n\"auto.commit.interval.ms\" = \"100\"\n\"session.timeout.ms\" = \"6000\"\n";
@@ -259,7 +305,8 @@ fn after_kill_9_every_window_is_on_the_scores_topic() {
     // First half; the daemon scores it, commits (every 100 ms), and is killed without warning.
     c.produce(&topic, &records[..1000]);
     let mut d = Daemon::start(&dir, &config);
-    d.wait_for(|d| d.metric("anomalyd_windows_scored_total").is_some_and(|v| v >= 5.0 * (200.0 - 31.0)), "first half scored");
+    let first_half = ended_by(&windows(5, 0, 400, stride), &records[..1000]).len() as f64;
+    d.wait_for(|d| d.metric("anomalyd_windows_scored_total").is_some_and(|v| v >= first_half), "first half scored");
     d.wait_for(|_| c.committed(&topic, &group) > 0, "an offset committed");
     d.child.kill().unwrap();
     d.child.wait().unwrap();
@@ -271,10 +318,17 @@ fn after_kill_9_every_window_is_on_the_scores_topic() {
     c.produce(&topic, &records[1000..]);
     let d = Daemon::start(&dir, &config);
     d.wait_for(|d| d.metric("anomalyd_records_received_total") == Some(2000.0 - committed_at_crash as f64), "the replay");
-    let missing = c.wait_for_scores(&scores, &windows(5, 0, 400), Duration::from_secs(30));
+    let want = windows(5, 0, 400, stride);
+    let missing = c.wait_for_scores(&scores, &want, Duration::from_secs(30));
     assert!(missing.is_empty(), "{} windows never scored, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
     assert_eq!(d.metric("anomalyd_series_warming"), Some(0.0));
+    if stride > 1 {
+        assert_eq!(d.metric("anomalyd_window_checkpoints_total{event=\"restored\"}"), Some(5.0), "one checkpoint per series read back");
+    }
     assert_eq!(d.stop(), 0);
+    let placed: HashSet<_> = want.into_iter().collect();
+    let off: Vec<_> = c.scored(&scores).into_iter().filter(|w| !placed.contains(w)).collect();
+    assert!(off.is_empty(), "{} windows scored off the stride, e.g. {:?}", off.len(), &off[..off.len().min(3)]);
 }
 
 #[test]
@@ -432,31 +486,50 @@ fn owned_series(d: &Daemon) -> HashSet<String> {
 
 #[test]
 fn two_daemons_split_four_partitions_and_hand_over() {
+    split_and_hand_over(1);
+}
+
+#[test]
+fn two_daemons_hand_over_at_a_stride_and_keep_its_phase() {
+    split_and_hand_over(3);
+}
+
+/// Eight series, two per partition ([`skewed`]), at `stride`: two daemons split the partitions,
+/// then one leaves and the other takes its partitions over (at a stride, resuming their series
+/// from their checkpoints). Every window is scored, and none off the stride.
+fn split_and_hand_over(stride: usize) {
     let c = Cluster::shared();
-    let id = std::process::id();
+    let id = format!("{}-{stride}", std::process::id());
     let (topic, scores, group) = (format!("split-{id}"), format!("split-scores-{id}"), format!("split-g-{id}"));
     c.create_topic(&topic, 4);
     c.create_topic(&scores, 1);
     // Eight series keyed by name, two per partition; the key alone names the series.
     let (columns, records) = over_four_partitions(8, 300);
+    let records = skewed(records);
     let rows = |from: usize, to: usize| &records[from * 8..to * 8];
-    let kafka = format!("series_from_key = true\nscores_topic = \"{scores}\"");
-    let config =
-        config(&c.bootstrap, &topic, &group, &columns, &kafka, TIME_MAPPING) + "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n";
+    let all = windows(8, 0, 300, stride);
+    let mut kafka = format!("series_from_key = true\nscores_topic = \"{scores}\"");
+    if stride > 1 {
+        let checkpoints = format!("split-checkpoints-{id}");
+        c.create_topic_with(&checkpoints, 4, &[("cleanup.policy", "compact")]);
+        kafka += &format!("\ncheckpoints_topic = \"{checkpoints}\"");
+    }
+    let extra = format!("{TIME_MAPPING}[windows]\nstride = {stride}\n");
+    let config = config(&c.bootstrap, &topic, &group, &columns, &kafka, &extra) + "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n";
     let assigned = |d: &Daemon| d.metric("anomalyd_kafka_assigned_partitions");
 
     c.produce(&topic, rows(0, 100));
-    let dir_a = temp_dir("kafka-split-a");
+    let dir_a = temp_dir(&format!("kafka-split-a-{stride}"));
     let a = Daemon::start(&dir_a, &config);
     a.wait_for(|a| assigned(a) == Some(4.0), "a owns all four partitions");
-    let dir_b = temp_dir("kafka-split-b");
+    let dir_b = temp_dir(&format!("kafka-split-b-{stride}"));
     let b = Daemon::start(&dir_b, &config);
     b.wait_for(|b| assigned(b) == Some(2.0) && assigned(&a) == Some(2.0), "two partitions each");
     assert_eq!(a.metric("anomalyd_kafka_rebalances_total{kind=\"revoke\"}"), Some(1.0), "a gave two partitions up");
 
     // Both score their own partitions' series, and together all of them.
     c.produce(&topic, rows(100, 200));
-    let missing = c.wait_for_scores(&scores, &windows(8, 0, 200), Duration::from_secs(30));
+    let missing = c.wait_for_scores(&scores, &ended_by(&all, rows(0, 200)), Duration::from_secs(30));
     assert!(missing.is_empty(), "{} windows never scored, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
     let (sa, sb) = (owned_series(&a), owned_series(&b));
     assert_eq!((sa.len(), sb.len()), (4, 4), "a: {sa:?}, b: {sb:?}");
@@ -467,10 +540,13 @@ fn two_daemons_split_four_partitions_and_hand_over() {
     assert_eq!(b.stop(), 0);
     a.wait_for(|a| assigned(a) == Some(4.0), "a owns all four partitions again");
     c.produce(&topic, rows(200, 300));
-    let missing = c.wait_for_scores(&scores, &windows(8, 200, 300), Duration::from_secs(30));
+    let missing = c.wait_for_scores(&scores, &ended_by(&all, rows(200, 300)), Duration::from_secs(30));
     assert!(missing.is_empty(), "{} windows never scored after the hand-over, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
     assert_eq!(owned_series(&a).len(), 8);
     assert_eq!(a.stop(), 0);
+    let placed: HashSet<_> = all.into_iter().collect();
+    let off: Vec<_> = c.scored(&scores).into_iter().filter(|w| !placed.contains(w)).collect();
+    assert!(off.is_empty(), "{} windows scored off the stride, e.g. {:?}", off.len(), &off[..off.len().min(3)]);
 }
 
 #[test]
@@ -569,7 +645,7 @@ fn a_15_second_broker_outage_loses_nothing() {
     assert!(outage >= Duration::from_secs(15));
     assert_eq!(d.get("/live").map(|(code, _)| code).ok(), Some(200), "the daemon lives through the outage");
 
-    let missing = c.wait_for_scores(scores, &windows(5, 0, 400), Duration::from_secs(60));
+    let missing = c.wait_for_scores(scores, &windows(5, 0, 400, 1), Duration::from_secs(60));
     assert!(missing.is_empty(), "{} windows never scored, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
     assert!(
         d.metric("anomalyd_errors_total{error_type=\"all_brokers_down\",stage=\"kafka\"}").is_some_and(|n| n > 0.0),

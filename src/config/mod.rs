@@ -304,6 +304,12 @@ pub struct KafkaConfig {
     /// (docs/thresholds.md); "" = off.
     #[serde(default)]
     pub thresholds_topic: String,
+    /// Window checkpoints: a compacted topic with at least as many partitions as the input
+    /// topics, keyed by series, from which a replay resumes each series in its stride phase
+    /// (docs/ARCHITECTURE.md, "Window checkpoints"); "" = off, and at `windows.stride` > 1 a replay
+    /// then places windows anew.
+    #[serde(default)]
+    pub checkpoints_topic: String,
     /// The message key names the series, instead of `mapping.series_fields`.
     pub series_from_key: bool,
     /// Any librdkafka property (TLS, SASL, timeouts, ...), passed through to consumer and producer:

@@ -23,7 +23,7 @@ use crate::model::lifecycle::ModelInUse;
 use crate::model::{as_windows, Scores};
 use crate::sink::kafka::{KafkaOutput, KafkaSinks};
 use crate::sink::JsonLines;
-use crate::source::kafka::{read_to_end, Topics};
+use crate::source::kafka::{read_back, Topics};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::LogEvery;
 use crate::threshold::store::{self, Loaded};
@@ -79,9 +79,6 @@ impl Changelog {
         }
     }
 }
-
-/// How long a replay of the changelog may take before the stage goes on without it.
-const REPLAY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl AlertStage {
     /// Handles batches strictly in sequence order: windows of one series must reach the alert
@@ -178,7 +175,7 @@ impl AlertStage {
             return;
         }
         self.metrics.threshold_changelog.with_label_values(&["written"]).inc_by(deliveries.len() as u64);
-        let _ = committer.send(super::commit::Pending { deliveries, acks: Default::default() }).await;
+        let _ = committer.send(super::commit::Pending { deliveries, ..Default::default() }).await;
     }
 
     /// Newly assigned partitions: their series' thresholds from the changelog, before any of
@@ -186,13 +183,9 @@ impl AlertStage {
     async fn replay(&mut self, assigned: &[(usize, i32)]) {
         let Some(changelog) = &self.changelog else { return };
         let named: Vec<(String, i32)> = assigned.iter().map(|&(t, p)| (changelog.topics.name(t), p)).collect();
-        let mut numbers: Vec<i32> = named.iter().map(|(_, p)| *p).collect();
-        numbers.sort_unstable();
-        numbers.dedup();
-        let (kafka, topic) = (changelog.kafka.clone(), changelog.kafka.thresholds_topic.clone());
         let started = Instant::now();
-        let read = tokio::task::spawn_blocking(move || read_to_end(&kafka, &topic, &numbers, REPLAY_TIMEOUT)).await;
-        let records = match read.map_err(anyhow::Error::from).and_then(|r| r) {
+        let kafka = &changelog.kafka;
+        let records = match read_back(kafka, "kafka.thresholds_topic", &kafka.thresholds_topic, assigned).await {
             Ok(records) => records,
             Err(error) => {
                 error!(error = format!("{error:#}"), "Thresholds' changelog not replayed; the assigned partitions' series warm up.");
@@ -268,10 +261,11 @@ impl AlertStage {
             anyhow!("inference failed on a batch of {} windows: {error}", batch.meta.len())
         })?;
         let acks = std::mem::take(&mut batch.acks);
+        let checkpoints = std::mem::take(&mut batch.checkpoints);
         let mut deliveries = std::mem::take(&mut batch.deliveries);
         self.handle(batch, scores, &mut deliveries).await;
         if let Some(committer) = &self.committer {
-            let _ = committer.send(Pending { deliveries, acks }).await;
+            let _ = committer.send(Pending { deliveries, checkpoints, acks }).await;
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use crate::model::lifecycle::ModelInUse;
 use crate::model::{Scorer, Scores};
 use crate::sink::kafka::KafkaOutput;
+use crate::source::checkpoints::Encoded;
 use crate::source::offsets::Acks;
 
 /// Windows of one inference call, with what the alert stage needs to know about each.
@@ -38,8 +39,10 @@ pub struct Batch {
     /// Partitions assigned since the previous batch (topic index, partition): the alert stage
     /// replays their thresholds from the changelog before this batch's windows.
     assigned: Vec<(usize, i32)>,
-    /// Kafka offsets safe to store once this batch is scored.
+    /// Kafka offsets safe to store once this batch is scored ...
     acks: Acks,
+    /// ... and once these window checkpoints are written, after this batch's outputs.
+    checkpoints: Vec<Encoded>,
     /// Dead letters enqueued since the previous batch: delivered before the batch's offsets are
     /// stored.
     deliveries: Vec<(DeliveryFuture, KafkaOutput)>,
@@ -57,6 +60,7 @@ impl Batch {
             revoked: Vec::new(),
             assigned: Vec::new(),
             acks: Acks::default(),
+            checkpoints: Vec::new(),
             deliveries: Vec::new(),
         }
     }

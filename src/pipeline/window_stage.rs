@@ -3,20 +3,22 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Result};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Batch, InFlight, ToScoring, WindowInfo};
-use crate::config::{Config, SourceKind};
+use crate::config::{Config, KafkaConfig, SourceKind};
 use crate::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
 use crate::model::lifecycle::{ModelInUse, ModelSwap};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
 use crate::record::{LineParser, RawRecord, Value};
 use crate::sink::kafka::{KafkaOutput, KafkaSinks};
+use crate::source::checkpoints::{Replay, Resumes};
+use crate::source::kafka::{read_back, Topics};
 use crate::source::offsets::OffsetTracker;
 use crate::source::{Ack, Input, Origin};
 use crate::telemetry::metrics::Metrics;
@@ -72,11 +74,21 @@ pub struct WindowStage {
     /// last batch.
     offsets: Option<OffsetTracker>,
     offsets_dirty: bool,
+    /// `kafka.checkpoints_topic`: where a replay resumes each series.
+    checkpoints: Option<Checkpoints>,
     /// Kafka outputs, for dead letters.
     sinks: Option<KafkaSinks>,
     /// `kafka.series_from_key`: the message key names the series.
     series_from_key: bool,
     limits: Limits,
+}
+
+/// Window checkpoints ([`crate::source::checkpoints`]): read back for assigned partitions.
+struct Checkpoints {
+    kafka: KafkaConfig,
+    topics: Topics,
+    /// Those of assigned partitions whose series have not reached them yet.
+    resumes: Resumes,
 }
 
 /// What a parsed record must meet before it is windowed.
@@ -127,6 +139,10 @@ impl WindowStage {
         metrics: Arc<Metrics>,
         sinks: Option<KafkaSinks>,
     ) -> WindowStage {
+        let checkpoints = sinks
+            .as_ref()
+            .filter(|_| cfg.source.kind == SourceKind::Kafka && !cfg.kafka.checkpoints_topic.is_empty())
+            .map(|sinks| Checkpoints { kafka: cfg.kafka.clone(), topics: sinks.topics().clone(), resumes: Resumes::default() });
         let first = Batch::empty(0, model.clone());
         let mut stage = WindowStage {
             input,
@@ -148,8 +164,15 @@ impl WindowStage {
             deadline: None,
             newest_ts: f64::NEG_INFINITY,
             next_eviction_ts: f64::NEG_INFINITY,
-            offsets: (cfg.source.kind == SourceKind::Kafka).then(OffsetTracker::default),
+            offsets: (cfg.source.kind == SourceKind::Kafka).then(|| {
+                if checkpoints.is_some() {
+                    OffsetTracker::with_checkpoints()
+                } else {
+                    OffsetTracker::default()
+                }
+            }),
             offsets_dirty: false,
+            checkpoints,
             sinks,
             series_from_key: cfg.kafka.series_from_key,
             limits: Limits {
@@ -194,11 +217,20 @@ impl WindowStage {
     /// Sends the batch (if it holds anything) and starts a new one; false when scoring is gone.
     async fn flush(&mut self, tx: &mpsc::Sender<ToScoring>) -> bool {
         self.deadline = None;
-        if self.offsets_dirty {
+        if let (true, Some(offsets)) = (self.offsets_dirty, &mut self.offsets) {
             self.offsets_dirty = false;
-            self.batch.acks = self.offsets.as_ref().map(OffsetTracker::safe).unwrap_or_default();
+            // Checkpoints first: the offsets safe to store trail to them.
+            if let Some(c) = &self.checkpoints {
+                let spec = self.spec;
+                let encoded = offsets.checkpoints().into_iter().map(|cp| {
+                    let topic = c.topics.name(cp.ack.topic);
+                    cp.encode(&topic, spec)
+                });
+                self.batch.checkpoints.extend(encoded);
+            }
+            self.batch.acks = offsets.safe();
         }
-        let idle = self.batch.acks.is_empty() && self.batch.deliveries.is_empty();
+        let idle = self.batch.acks.is_empty() && self.batch.deliveries.is_empty() && self.batch.checkpoints.is_empty();
         let moved = !(self.batch.evicted.is_empty() && self.batch.revoked.is_empty() && self.batch.assigned.is_empty());
         if self.batch.meta.is_empty() && !moved && idle {
             return true;
@@ -220,6 +252,15 @@ impl WindowStage {
             let dropped = self.windower.live_series();
             self.spec = WindowSpec::for_model(&swap.model.model, self.spec.stride);
             self.windower = Windower::with_max_series(self.spec, Preprocessor::new(&swap.model.model.meta), self.max_series);
+            // Windows restart here, in a new phase: what the offsets held and the checkpoints
+            // read back were for the old ones.
+            if let Some(offsets) = &mut self.offsets {
+                offsets.forget_all();
+                self.offsets_dirty = true;
+            }
+            if let Some(c) = &mut self.checkpoints {
+                c.resumes = Resumes::default();
+            }
             warn!(series = dropped, "New model windows or scales differently; all series warm up again.");
         }
         self.model = swap.model;
@@ -235,16 +276,39 @@ impl WindowStage {
         }
     }
 
+    /// A replayed record of a series with a checkpoint: resumes the series at it, or says to
+    /// skip it (its windows were delivered before).
+    fn replay(&mut self, series: &str, ack: Ack) -> bool {
+        let Some(c) = self.checkpoints.as_mut().filter(|c| !c.resumes.is_empty()) else { return false };
+        let event = match c.resumes.at(series, ack) {
+            Replay::Window => return false,
+            Replay::Skip => {
+                self.metrics.replay_skipped.inc();
+                self.handled(ack);
+                return true;
+            }
+            Replay::Resume(resume) if self.windower.resume(series, &resume) => "resumed",
+            Replay::Resume(_) | Replay::Stale => "stale",
+        };
+        self.metrics.window_checkpoints.with_label_values(&[event]).inc();
+        false
+    }
+
     /// Windows one record; sends the batch when full. False when scoring is gone.
     async fn push(&mut self, record: RawRecord, ack: Option<Ack>, tx: &mpsc::Sender<ToScoring>) -> bool {
+        if ack.is_some_and(|ack| self.replay(&record.series, ack)) {
+            return true;
+        }
         let pushed = self.windower.push(&record, &mut self.batch.windows);
         if pushed.unknown_category {
             self.metrics.errors.with_label_values(&["window", "unknown_category"]).inc();
         }
         if let (Some(offsets), Some(ack)) = (&mut self.offsets, ack) {
+            let windower = &self.windower;
+            let resume = || pushed.start.and_then(|start| windower.resume_point(&record.series, start));
             match pushed.outcome {
                 Outcome::Dropped(_) => offsets.dropped(ack),
-                _ => offsets.windowed(ack, &record.series, pushed.held),
+                _ => offsets.windowed(ack, &record.series, pushed.held, pushed.start.is_some(), resume),
             }
             self.offsets_dirty = true;
         }
@@ -352,10 +416,41 @@ impl WindowStage {
         let Some(offsets) = &mut self.offsets else { return true };
         let gone = offsets.revoke(partitions);
         self.offsets_dirty = true;
+        if let Some(c) = &mut self.checkpoints {
+            c.resumes.revoke(partitions);
+        }
         self.windower.drop_series(&gone);
         info!(partitions = partitions.len(), series = gone.len(), "Dropped the window state of revoked partitions' series.");
         self.batch.revoked.extend(gone);
         self.flush(tx).await
+    }
+
+    /// Newly assigned partitions: their series' checkpoints, before any of their records. A
+    /// read that fails is logged; those series start afresh.
+    async fn restore(&mut self, assigned: &[(usize, i32)]) {
+        let Some(c) = &mut self.checkpoints else { return };
+        let started = Instant::now();
+        let records = match read_back(&c.kafka, "kafka.checkpoints_topic", &c.kafka.checkpoints_topic, assigned).await {
+            Ok(records) => records,
+            Err(error) => {
+                error!(error = format!("{error:#}"), "Window checkpoints not read; the assigned partitions' series start afresh.");
+                return;
+            }
+        };
+        let topics = c.topics.clone();
+        let found = c.resumes.restore(records, assigned, |name| topics.index(name), self.spec);
+        let m = &self.metrics;
+        m.window_checkpoints.with_label_values(&["restored"]).inc_by(found.checkpoints as u64);
+        m.window_checkpoints.with_label_values(&["foreign"]).inc_by(found.foreign as u64);
+        m.window_checkpoints.with_label_values(&["corrupt"]).inc_by(found.corrupt as u64);
+        info!(
+            partitions = assigned.len(),
+            restored = found.checkpoints,
+            foreign = found.foreign,
+            corrupt = found.corrupt,
+            secs = started.elapsed().as_secs_f64(),
+            "Window checkpoints read back."
+        );
     }
 
     async fn push_all(&mut self, records: Vec<RawRecord>, tx: &mpsc::Sender<ToScoring>) -> bool {
@@ -405,6 +500,7 @@ impl WindowStage {
                     }
                     Input::Revoked(partitions) => self.revoke(&partitions, &tx).await,
                     Input::Assigned(partitions) => {
+                        self.restore(&partitions).await;
                         self.batch.assigned.extend(partitions);
                         true
                     }

@@ -1,5 +1,5 @@
-//! The Kafka outputs: dead letters, scores, alert events and the thresholds' changelog, through
-//! one idempotent producer.
+//! The Kafka outputs: dead letters, scores, alert events, the thresholds' changelog and the window
+//! checkpoints, through one idempotent producer.
 
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tracing::{error, warn};
 
 use crate::config::KafkaConfig;
+use crate::source::checkpoints::Encoded;
 use crate::source::kafka::{client_config, create_client, Topics};
 use crate::source::Origin;
 
@@ -22,6 +23,8 @@ pub enum KafkaOutput {
     Alert,
     /// A series' threshold state, or its tombstone.
     Thresholds,
+    /// A series' window checkpoint.
+    Checkpoint,
 }
 
 impl KafkaOutput {
@@ -31,12 +34,13 @@ impl KafkaOutput {
             KafkaOutput::Score => "score",
             KafkaOutput::Alert => "alert",
             KafkaOutput::Thresholds => "thresholds",
+            KafkaOutput::Checkpoint => "checkpoint",
         }
     }
 }
 
-/// The Kafka outputs: dead letters, scores, alert events and the thresholds' changelog, through
-/// one idempotent producer.
+/// The Kafka outputs: dead letters, scores, alert events, the thresholds' changelog and the window
+/// checkpoints, through one idempotent producer.
 #[derive(Clone)]
 pub struct KafkaSinks {
     producer: FutureProducer,
@@ -46,6 +50,7 @@ pub struct KafkaSinks {
     scores_topic: Option<String>,
     alerts_topic: Option<String>,
     thresholds_topic: Option<String>,
+    checkpoints_topic: Option<String>,
 }
 
 impl KafkaSinks {
@@ -53,7 +58,8 @@ impl KafkaSinks {
     pub fn new(cfg: &KafkaConfig, topics: Topics) -> Result<Option<KafkaSinks>> {
         let topic = |t: &str| (!t.is_empty()).then(|| t.to_string());
         let sinks = (topic(&cfg.dead_letter_topic), topic(&cfg.scores_topic), topic(&cfg.alerts_topic), topic(&cfg.thresholds_topic));
-        if sinks == (None, None, None, None) {
+        let checkpoints_topic = topic(&cfg.checkpoints_topic);
+        if sinks == (None, None, None, None) && checkpoints_topic.is_none() {
             return Ok(None);
         }
         let mut client = client_config(cfg);
@@ -61,7 +67,21 @@ impl KafkaSinks {
         let producer: FutureProducer = create_client(cfg, "producer", || client.create())?;
         let (dead_letter_topic, scores_topic, alerts_topic, thresholds_topic) = sinks;
         let dead_letter_max_bytes = cfg.dead_letter_max_bytes;
-        Ok(Some(KafkaSinks { producer, topics, dead_letter_topic, dead_letter_max_bytes, scores_topic, alerts_topic, thresholds_topic }))
+        Ok(Some(KafkaSinks {
+            producer,
+            topics,
+            dead_letter_topic,
+            dead_letter_max_bytes,
+            scores_topic,
+            alerts_topic,
+            thresholds_topic,
+            checkpoints_topic,
+        }))
+    }
+
+    /// The input topics' names by index.
+    pub fn topics(&self) -> &Topics {
+        &self.topics
     }
 
     /// Whether `dead_letter_topic` is configured (`dead_letter` sends).
@@ -144,6 +164,13 @@ impl KafkaSinks {
             None => record,
         })
         .await
+    }
+
+    /// A series' window checkpoint to the topic's partition of the same number as its input's.
+    pub async fn checkpoint(&self, checkpoint: &Encoded) -> Option<DeliveryFuture> {
+        let topic = self.checkpoints_topic.as_ref()?;
+        let record = FutureRecord::to(topic).key(checkpoint.series.as_bytes()).partition(checkpoint.partition);
+        self.send(record.payload(checkpoint.value.as_bytes())).await
     }
 
     /// Waits (bounded) for everything enqueued to be delivered: at shutdown, before the commit.

@@ -305,10 +305,25 @@ fn rebalance_marker(topics: &Topics, (assigned, partitions): Moved) -> Input {
     }
 }
 
+/// How long reading a compacted topic's partitions back may take (see [`read_back`]).
+const READ_BACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The newest record of each key in the partitions of a compacted topic (the thresholds'
+/// changelog, the window checkpoints; `setting` names it in errors) of the same numbers as the
+/// input partitions `assigned`, read on a blocking thread ([`read_to_end`]).
+pub async fn read_back(cfg: &KafkaConfig, setting: &'static str, topic: &str, assigned: &[(usize, i32)]) -> Result<Vec<Record>> {
+    let mut numbers: Vec<i32> = assigned.iter().map(|&(_, p)| p).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    let (cfg, topic) = (cfg.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || read_to_end(&cfg, setting, &topic, &numbers, READ_BACK_TIMEOUT)).await?
+}
+
 /// The newest record of each key in `partitions` of `topic` (a compacted topic: the thresholds'
-/// changelog), read from their start to their end as of now by a consumer of no group; blocking.
-/// A key that is not UTF-8 is read lossily (its value then fails to restore and is counted).
-pub fn read_to_end(cfg: &KafkaConfig, topic: &str, partitions: &[i32], timeout: std::time::Duration) -> Result<Vec<Record>> {
+/// changelog, the window checkpoints; `setting` names it in errors), read from their start to
+/// their end as of now by a consumer of no group; blocking. A key that is not UTF-8 is read
+/// lossily (its value then fails to restore and is counted).
+fn read_to_end(cfg: &KafkaConfig, setting: &str, topic: &str, partitions: &[i32], timeout: std::time::Duration) -> Result<Vec<Record>> {
     let mut client = client_config(cfg);
     client
         .set("group.id", format!("{}-changelog-reader", cfg.group_id))
@@ -319,8 +334,7 @@ pub fn read_to_end(cfg: &KafkaConfig, topic: &str, partitions: &[i32], timeout: 
     let mut assignment = TopicPartitionList::new();
     let mut ends = std::collections::HashMap::new();
     for &p in partitions {
-        let (low, high) =
-            consumer.fetch_watermarks(topic, p, timeout).with_context(|| format!("kafka.thresholds_topic: {topic} partition {p}"))?;
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).with_context(|| format!("{setting}: {topic} partition {p}"))?;
         if high > low {
             assignment.add_partition_offset(topic, p, Offset::Beginning)?;
             ends.insert(p, high);
@@ -334,10 +348,10 @@ pub fn read_to_end(cfg: &KafkaConfig, topic: &str, partitions: &[i32], timeout: 
     consumer.assign(&assignment).context("kafka: assigning the changelog's partitions")?;
     while !ends.is_empty() {
         if std::time::Instant::now() >= deadline {
-            anyhow::bail!("kafka.thresholds_topic: {topic}: partitions {:?} not read to their end in {timeout:?}", ends.keys());
+            anyhow::bail!("{setting}: {topic}: partitions {:?} not read to their end in {timeout:?}", ends.keys());
         }
         if let Some(msg) = consumer.poll(std::time::Duration::from_millis(100)) {
-            let msg = msg.with_context(|| format!("kafka.thresholds_topic: reading {topic}"))?;
+            let msg = msg.with_context(|| format!("{setting}: reading {topic}"))?;
             let series = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
             newest.insert((msg.partition(), series), msg.payload().map(<[u8]>::to_vec));
         }

@@ -2,8 +2,10 @@
 //!
 //! - [`lines`]: a file or stdin;
 //! - [`kafka`]: a consumer-group member, whose messages carry their [`Origin`];
-//! - [`offsets`]: which Kafka offsets are safe to store while windows still hold records.
+//! - [`offsets`]: which Kafka offsets are safe to store while windows still hold records;
+//! - [`checkpoints`]: where a replay resumes each series, in its stride phase.
 
+pub mod checkpoints;
 pub mod kafka;
 pub mod lines;
 pub mod offsets;

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use super::checkpoints::Checkpoint;
 use super::Ack;
+use crate::window::Resume;
 
 /// Offsets to store, per (topic, partition): the last record whose successors a replay must
 /// start from (librdkafka commits the one after it).
@@ -21,10 +23,28 @@ impl Acks {
     }
 }
 
-/// A series keeps the offset of every `MARK_EVERY`-th record it windowed, not of every one: a
-/// replay may start up to `MARK_EVERY` − 1 of its records early (their windows are scored
+/// A series keeps the offset of a record that starts one of its windows every `MARK_EVERY` of its
+/// records or so (the first start at least that far from the previous mark), not of every one:
+/// a replay may start up to `MARK_EVERY` + S − 2 of its records early (their windows are scored
 /// again, as at-least-once allows), and a series with W = 64 keeps 5 offsets instead of 63.
 const MARK_EVERY: u64 = 16;
+
+/// With window checkpoints, a series' checkpoint is written when its first mark first moves and
+/// then every `CHECKPOINT_EVERY` moves (about 64 of its records), and it holds the partition's
+/// stored offset at its last written one. Writing at every move cost 20–28% of the throughput at
+/// stride 8 and 2,000 series, every 4th 11% (docs/performance.md), for up to 48 more of a
+/// series' records in a replay.
+const CHECKPOINT_EVERY: u32 = 4;
+
+/// A record that starts a window: where a replay of its series may begin.
+#[derive(Debug)]
+struct Mark {
+    /// Its number among the series' records windowed from the partition.
+    row: u64,
+    offset: i64,
+    /// The series' state just before it, with window checkpoints.
+    resume: Option<Box<Resume>>,
+}
 
 /// What a series holds of the input: the partition of its records, and marks from which a
 /// replay rebuilds its next window. Producers key by series, so a series' records share a
@@ -35,35 +55,40 @@ struct Held {
     partition: (usize, i32),
     /// Records of this series windowed from `partition`.
     rows: u64,
-    /// Offsets of its records number `first`, `first + MARK_EVERY`, …; the first mark is at or
-    /// before the oldest record the next window needs.
-    first: u64,
-    marks: VecDeque<i64>,
+    /// The first is at or before the first record of the next window (`Pushed::held`).
+    marks: VecDeque<Mark>,
+    /// With checkpoints: the offset of the last one taken (where a replay resumes the series,
+    /// so the stored offset must not pass it), how often the first mark moved since, and
+    /// whether the next one is due.
+    checkpoint: Option<i64>,
+    moves: u32,
+    due: bool,
 }
 
 impl Held {
+    /// The offset this series holds the partition at: its last checkpoint, or else its first mark.
     fn oldest(&self) -> Option<((usize, i32), i64)> {
-        self.marks.front().map(|&offset| (self.partition, offset))
+        let first = self.marks.front().map(|m| m.offset);
+        self.checkpoint.or(first).map(|offset| (self.partition, offset))
     }
 
-    /// Record `offset` was windowed, and the series now needs its newest `held` records.
-    fn push(&mut self, offset: i64, held: usize) {
-        let n = self.rows;
+    /// Record `offset` was windowed (`start`: it starts a window, and the state to resume from
+    /// there), and the series now needs its newest `held` records.
+    fn push(&mut self, offset: i64, held: usize, start: Option<impl FnOnce() -> Option<Resume>>) {
+        let row = self.rows;
         self.rows += 1;
-        if self.marks.is_empty() {
-            self.first = n;
-        }
-        if n == self.first + self.marks.len() as u64 * MARK_EVERY {
-            self.marks.push_back(offset);
+        if let Some(resume) = start.filter(|_| self.marks.back().is_none_or(|m| row >= m.row + MARK_EVERY)) {
+            self.marks.push_back(Mark { row, offset, resume: resume().map(Box::new) });
         }
         if held == 0 {
+            // Only at S = 1 and W = 1, where a replay needs no phase.
             self.marks.clear();
+            self.checkpoint = None;
             return;
         }
         let oldest = self.rows.saturating_sub(held as u64);
-        while self.marks.len() > 1 && self.first + MARK_EVERY <= oldest {
+        while self.marks.len() > 1 && self.marks[1].row <= oldest {
             self.marks.pop_front();
-            self.first += MARK_EVERY;
         }
     }
 }
@@ -73,11 +98,17 @@ impl Held {
 /// Committing the newest handled record is not enough: a replay after a crash would start after
 /// it, and the first W−1 replayed records of a series could not complete their windows. So per
 /// partition the stored offset trails to the oldest record that some series' next window still
-/// needs (`Pushed::held`), or up to `MARK_EVERY` − 1 of that series' records before it; with no
-/// such record, to the newest handled one.
+/// needs (`Pushed::held`), or up to `MARK_EVERY` + S − 2 of that series' records before it;
+/// with no such record, to the newest handled one. With window checkpoints, each series' first
+/// mark is also where its replay resumes ([`super::checkpoints`]), and the stored offset trails
+/// to the last checkpoint taken.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
+    /// Marks keep the state to resume from, and changed first marks become checkpoints.
+    checkpoints: bool,
     held: HashMap<String, Held>,
+    /// Series whose checkpoint is due ([`OffsetTracker::checkpoints`]).
+    due: Vec<String>,
     /// Per partition: multiset of the series' oldest held offsets.
     oldest: BTreeMap<(usize, i32), BTreeMap<i64, u32>>,
     /// Per partition: the newest handled offset.
@@ -85,34 +116,82 @@ pub struct OffsetTracker {
 }
 
 impl OffsetTracker {
+    /// A tracker whose marks become window checkpoints.
+    pub fn with_checkpoints() -> OffsetTracker {
+        OffsetTracker { checkpoints: true, ..OffsetTracker::default() }
+    }
+
     /// A record was dropped (and counted): handled, holds nothing.
     pub fn dropped(&mut self, ack: Ack) {
         let e = self.newest.entry((ack.topic, ack.partition)).or_insert(ack.offset);
         *e = (*e).max(ack.offset);
     }
 
-    /// A record went into its series' window state; the series now needs its newest `held` records.
-    pub fn windowed(&mut self, ack: Ack, series: &str, held: usize) {
+    /// A record went into its series' window state; the series now needs its newest `held`
+    /// records. `start`: the record starts a window, and `resume` gives the state to resume
+    /// from there (asked for only when it becomes a mark with checkpoints).
+    pub fn windowed(&mut self, ack: Ack, series: &str, held: usize, start: bool, resume: impl FnOnce() -> Option<Resume>) {
         self.dropped(ack);
         let partition = (ack.topic, ack.partition);
         // Look up before inserting: a key is allocated once per series, not per record.
         if !self.held.contains_key(series) {
-            self.held.insert(series.to_string(), Held { partition, rows: 0, first: 0, marks: VecDeque::new() });
+            let h = Held { partition, rows: 0, marks: VecDeque::new(), checkpoint: None, moves: 0, due: false };
+            self.held.insert(series.to_string(), h);
         }
         let h = self.held.get_mut(series).expect("inserted above");
         let before = h.oldest();
         if h.partition != partition {
-            (h.partition, h.rows) = (partition, 0);
+            (h.partition, h.rows, h.checkpoint) = (partition, 0, None);
             h.marks.clear();
         }
-        h.push(ack.offset, held);
-        let after = h.oldest();
-        if before != after {
-            self.unhold(before);
-            if let Some((p, offset)) = after {
-                *self.oldest.entry(p).or_default().entry(offset).or_default() += 1;
+        let checkpoints = self.checkpoints;
+        let first = h.marks.front().map(|m| m.offset);
+        h.push(ack.offset, held, start.then_some(|| resume().filter(|_| checkpoints)));
+        if checkpoints && h.marks.front().map(|m| m.offset) != first {
+            h.moves += 1;
+            if !h.due && (h.checkpoint.is_none() || h.moves >= CHECKPOINT_EVERY) {
+                h.due = true;
+                self.due.push(series.to_string());
             }
         }
+        let after = h.oldest();
+        self.rehold(before, after);
+    }
+
+    /// A series' hold moved from `before` to `after`.
+    fn rehold(&mut self, before: Option<((usize, i32), i64)>, after: Option<((usize, i32), i64)>) {
+        if before == after {
+            return;
+        }
+        self.unhold(before);
+        if let Some((p, offset)) = after {
+            *self.oldest.entry(p).or_default().entry(offset).or_default() += 1;
+        }
+    }
+
+    /// The checkpoints due, taken at each series' first mark: where its replay resumes. The
+    /// stored offset then trails to them, so they are taken before [`OffsetTracker::safe`], and
+    /// written before what it gives is stored.
+    pub fn checkpoints(&mut self) -> Vec<Checkpoint> {
+        let mut out = Vec::new();
+        for series in std::mem::take(&mut self.due) {
+            let Some(h) = self.held.get_mut(&series).filter(|h| h.due) else { continue };
+            h.due = false;
+            let Some(Mark { offset, resume: Some(resume), .. }) = h.marks.front() else { continue };
+            let before = h.oldest();
+            (h.checkpoint, h.moves) = (Some(*offset), 0);
+            let ack = Ack { topic: h.partition.0, partition: h.partition.1, offset: *offset };
+            out.push(Checkpoint { series, ack, resume: (**resume).clone() });
+            let after = h.oldest();
+            self.rehold(before, after);
+        }
+        out
+    }
+
+    /// Forgets every series (the windows restart: a reload to other windows).
+    pub fn forget_all(&mut self) {
+        let all: Vec<String> = self.held.keys().cloned().collect();
+        all.iter().for_each(|s| self.forget(s));
     }
 
     /// A series left (idle eviction): its rows are no longer needed.
@@ -175,9 +254,9 @@ mod tests {
     fn stored_offset_trails_to_the_oldest_row_a_window_still_needs() {
         let mut t = OffsetTracker::default();
         // W = 3: each series needs its last 2 records.
-        t.windowed(ack(0), "a", 1);
-        t.windowed(ack(1), "b", 1);
-        t.windowed(ack(2), "a", 2);
+        t.windowed(ack(0), "a", 1, true, || None);
+        t.windowed(ack(1), "b", 1, true, || None);
+        t.windowed(ack(2), "a", 2, true, || None);
         assert_eq!(t.safe().0.get(&(0, 0)), None, "record 0 is still needed by a: nothing to store");
         t.dropped(ack(3));
         t.forget("a");
@@ -197,7 +276,7 @@ mod tests {
             let series = format!("s{}", (offset * 5 + offset / 11) % 7);
             let held = held_by.entry(series.clone()).or_default();
             *held = if offset % 401 == 0 { 1 } else { (*held + 1).min(39) };
-            t.windowed(ack(offset), &series, *held);
+            t.windowed(ack(offset), &series, *held, true, || None);
             let rows = exact.entry(series).or_default();
             rows.push_back(offset);
             while rows.len() > *held {
@@ -216,14 +295,14 @@ mod tests {
     fn a_revoke_drops_the_partitions_series_and_keeps_the_others() {
         let mut t = OffsetTracker::default();
         let at = |partition, offset| Ack { topic: 0, partition, offset };
-        t.windowed(at(0, 5), "a", 1);
-        t.windowed(at(1, 7), "b", 1);
-        t.windowed(at(1, 8), "c", 0); // W = 1: holds no rows, still lives on partition 1
+        t.windowed(at(0, 5), "a", 1, true, || None);
+        t.windowed(at(1, 7), "b", 1, true, || None);
+        t.windowed(at(1, 8), "c", 0, true, || None); // W = 1: holds no rows, still lives on partition 1
         let mut gone = t.revoke(&[(0, 1)]);
         gone.sort();
         assert_eq!(gone, ["b", "c"]);
         assert_eq!(t.safe().0.keys().collect::<Vec<_>>(), [&(0, 0)], "partition 1 is no longer stored");
-        t.windowed(at(1, 3), "b", 1);
+        t.windowed(at(1, 3), "b", 1, true, || None);
         assert_eq!(t.safe().0.get(&(0, 1)), Some(&2), "re-assigned and replayed from 3: b holds 3");
     }
 }

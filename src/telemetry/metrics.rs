@@ -103,6 +103,8 @@ pub struct Metrics {
     pub threshold_resets: IntCounterVec,
     pub threshold_saves: IntCounterVec,
     pub threshold_changelog: IntCounterVec,
+    pub window_checkpoints: IntCounterVec,
+    pub replay_skipped: IntCounter,
     pub window_bytes: IntGauge,
     pub anomaly_score: GaugeVec,
     /// The raw score that is anomaly_score 1.0 for the series now (`[thresholds]`).
@@ -273,6 +275,17 @@ impl Metrics {
                 "Records of the thresholds' changelog topic, by event (written, tombstone: sent; restored: series taken over from it).",
                 &["event"],
             ),
+            window_checkpoints: counter_vec(
+                &r,
+                "anomalyd_window_checkpoints_total",
+                "Window checkpoints (kafka.checkpoints_topic), by event (written: sent; restored: read back for an assigned partition; resumed: a series resumed from one; stale: its series started afresh after it; foreign: for other windows; corrupt: not a checkpoint).",
+                &["event"],
+            ),
+            replay_skipped: counter(
+                &r,
+                "anomalyd_replay_records_skipped_total",
+                "Replayed records before their series' window checkpoint: handled, their windows were delivered before.",
+            ),
             window_bytes: gauge(&r, "anomalyd_window_bytes", "Bytes held by window buffers."),
             series_metrics_dropped: counter(
                 &r,
@@ -330,7 +343,7 @@ impl Metrics {
             m.reloads.with_label_values(&[result]).reset();
             m.commits.with_label_values(&[result]).reset();
         }
-        for output in ["dead_letter", "score", "alert", "thresholds"] {
+        for output in ["dead_letter", "score", "alert", "thresholds", "checkpoint"] {
             m.produce_errors.with_label_values(&[output]).reset();
         }
         for reason in ["model_changed", "state_foreign", "state_corrupt", "series_dropped"] {
@@ -341,6 +354,9 @@ impl Metrics {
         }
         for event in ["written", "tombstone", "restored"] {
             m.threshold_changelog.with_label_values(&[event]).reset();
+        }
+        for event in ["written", "restored", "resumed", "stale", "foreign", "corrupt"] {
+            m.window_checkpoints.with_label_values(&[event]).reset();
         }
         for phase in ["warming", "own"] {
             m.threshold_series.with_label_values(&[phase]).set(0);
