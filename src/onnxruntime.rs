@@ -1,9 +1,12 @@
 //! Finding and loading the ONNX Runtime shared library (ort's `load-dynamic`).
 //!
 //! The daemon ships without ONNX Runtime inside; it loads `libonnxruntime.so.1.32.0` at start-up
-//! from the first of: the configured path, `ORT_DYLIB_PATH`, next to the executable, the package
-//! location `/usr/lib/anomalyd/`, and `.cache/onnxruntime/` (where `scripts/fetch-onnxruntime`
-//! puts it). A missing or too old library is a start-up error that says where it looked.
+//! from the first of: the configured path, `ORT_DYLIB_PATH`, next to the executable, the install
+//! prefix's `lib/anomalyd/` (beside `bin/`, as `cargo install` lays it out), the package
+//! location `/usr/lib/anomalyd/`, and the `.cache/onnxruntime/` of the repository the binary was
+//! built from (where `scripts/fetch-onnxruntime` puts it: so the binary, and one installed with
+//! `cargo install --path .`, runs from any folder) or of the working folder. A missing or too old
+//! library is a start-up error that says where it looked, and what fetches it.
 
 use std::path::{Path, PathBuf};
 
@@ -24,20 +27,33 @@ pub fn candidates(configured: Option<&Path>) -> Vec<PathBuf> {
         return vec![PathBuf::from(path)];
     }
     let name = library_name();
-    let mut out = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
-        out.push(dir.join(&name));
+    let mut dirs = Vec::new();
+    if let Some(bin) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+        let prefix = bin.parent().map(|prefix| prefix.join("lib/anomalyd"));
+        dirs.push(bin);
+        dirs.extend(prefix);
     }
-    out.push(Path::new("/usr/lib/anomalyd").join(&name));
-    out.push(Path::new(".cache/onnxruntime").join(&name));
+    dirs.push(PathBuf::from("/usr/lib/anomalyd"));
+    dirs.push(Path::new(REPOSITORY).join(".cache/onnxruntime"));
+    dirs.push(PathBuf::from(".cache/onnxruntime"));
+    let mut out: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        let path = dir.join(&name);
+        if !out.contains(&path) {
+            out.push(path);
+        }
+    }
     out
 }
+
+/// The repository this binary was built from.
+const REPOSITORY: &str = env!("CARGO_MANIFEST_DIR");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(
-        "ONNX Runtime {ORT_VERSION} not found (looked at {looked}); run scripts/fetch-onnxruntime, or set \
-         ORT_DYLIB_PATH or scoring.onnxruntime_library"
+        "ONNX Runtime {ORT_VERSION} not found (looked at {looked}); run {REPOSITORY}/scripts/fetch-onnxruntime \
+         (or put libonnxruntime.so.{ORT_VERSION} beside the binary, or set ORT_DYLIB_PATH or scoring.onnxruntime_library)"
     )]
     NotFound { looked: String },
     #[error("ONNX Runtime at {path} cannot be used: {reason}")]

@@ -89,6 +89,32 @@ fn a_missing_library_is_a_clear_start_up_error() {
     assert!(stderr.contains("ONNX Runtime 1.32.0 not found") && stderr.contains("/nonexistent/"), "{stderr}");
 }
 
+/// As a user runs it: from another folder, with no ONNX Runtime variable, as built and as a
+/// copy elsewhere (`cargo install` puts it in `~/.cargo/bin`).
+#[test]
+fn the_binary_finds_onnx_runtime_from_any_folder_and_when_installed_elsewhere() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("anomalyd-anywhere-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("prefix/bin")).unwrap();
+    let installed = dir.join("prefix/bin/anomalyd");
+    std::fs::copy(env!("CARGO_BIN_EXE_anomalyd"), &installed).unwrap();
+    for binary in [std::path::Path::new(env!("CARGO_BIN_EXE_anomalyd")), installed.as_path()] {
+        let run = Command::new(binary)
+            .current_dir(&dir)
+            .env_remove("ORT_DYLIB_PATH")
+            .args(["score", "--quiet", "--model"])
+            .arg(repo.join("models/skab-convae"))
+            .arg("--input")
+            .arg(repo.join("contracts/skab-convae/records.csv"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{}: {stderr}", binary.display());
+        assert_eq!(String::from_utf8_lossy(&run.stdout).lines().count(), 139, "{}: a header and 138 windows", binary.display());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_delimiter_csv_core_cannot_split_on_is_an_error_not_a_panic() {
     let records = repo().join("contracts/skab-convae/records.csv");
