@@ -1,4 +1,5 @@
-//! `anomalyd score`: offline scoring of a CSV or NDJSON file, for backtests and threshold tuning.
+//! `anomalyd score`: offline scoring of a file, for backtests and threshold tuning: CSV, NDJSON,
+//! Influx line protocol, or goflow2 flow records (aggregated into per-host buckets as `run` does).
 //!
 //! Same parser, windows, ONNX scoring, per-series thresholds and alert policy as the daemon
 //! (`--config`: its `[thresholds]`, `[alert_policy]`, `[[alert_overrides]]`, `model.threshold`);
@@ -19,11 +20,13 @@ use ndarray::s;
 
 use crate::alert::{ranked_features, Observation, Tracker, TOP_FEATURES};
 use crate::config::Config;
+use crate::flows::parse_flow;
 use crate::judge::Judge;
 use crate::model::lifecycle::ModelInUse;
 use crate::model::{as_windows, Model, Scorer};
+use crate::pipeline::window_stage::{flow_input, RecordInput};
 use crate::preprocess::Preprocessor;
-use crate::record::{line_text, CsvParser, FieldMap, LineFormat, LineParser, TimeFormat};
+use crate::record::{line_text, CsvParser, FieldMap, LineFormat, LineParser, RawRecord, TimeFormat};
 use crate::telemetry::LogEvery;
 use crate::threshold::Thresholds;
 use crate::window::{Outcome, WindowSpec, Windower};
@@ -37,6 +40,8 @@ pub enum InputFormat {
     Ndjson,
     /// InfluxDB line protocol.
     Influx,
+    /// goflow2 JSON flow records (a flow model: they are aggregated into its per-host buckets).
+    Goflow2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -56,7 +61,8 @@ pub struct ScoreArgs {
     /// Where the scores go (default: stdout).
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// Input format (default: from the file extension; .csv/.txt = csv, .lp/.influx = influx, else ndjson).
+    /// Input format (default: goflow2 for a flow model; else from the file extension: .csv/.txt =
+    /// csv, .lp/.influx = influx, else ndjson).
     #[arg(long, value_enum)]
     pub format: Option<InputFormat>,
     #[arg(long, value_enum, default_value = "csv")]
@@ -159,7 +165,9 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut lines = BufReader::new(file).split(b'\n');
     let series_name = args.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let flow_model = model.meta.training_config.data.format == "goflow2";
     let format = args.format.unwrap_or(match extension(&args.input) {
+        _ if flow_model => InputFormat::Goflow2,
         "csv" | "txt" => InputFormat::Csv,
         "lp" | "influx" => InputFormat::Influx,
         _ => InputFormat::Ndjson,
@@ -178,13 +186,19 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         }
         _ => None,
     };
-    let line_format = match format {
-        InputFormat::Csv => LineFormat::Csv,
-        InputFormat::Ndjson => LineFormat::Ndjson,
-        InputFormat::Influx => LineFormat::Influx,
+    let mut source = match format {
+        InputFormat::Goflow2 => RecordInput::Flows(flow_input(&model, &cfg)?),
+        InputFormat::Csv | InputFormat::Ndjson | InputFormat::Influx => {
+            let line_format = match format {
+                InputFormat::Csv => LineFormat::Csv,
+                InputFormat::Influx => LineFormat::Influx,
+                _ => LineFormat::Ndjson,
+            };
+            let parser = LineParser::for_format(line_format, input.map.clone(), header.as_deref(), delimiter)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
+            RecordInput::Lines(parser)
+        }
     };
-    let mut parser = LineParser::for_format(line_format, input.map.clone(), header.as_deref(), delimiter)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
 
     let sink: Box<dyn Write> = match &args.output {
         Some(path) => create(path)?,
@@ -249,27 +263,39 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         let line = line.with_context(|| format!("{}: read error after line {line_no}", args.input.display()))?;
         line_no += 1;
         bar.inc(line.len() as u64 + 1);
-        let parsed = match line_text(line) {
+        let records = match line_text(line) {
             Ok(line) if line.trim().is_empty() => continue,
-            Ok(line) => parser.parse(&line, &series_name),
-            Err(e) => Some(Err(e)),
+            Ok(line) => match &mut source {
+                RecordInput::Lines(parser) => match parser.parse(&line, &series_name) {
+                    None => continue,
+                    Some(parsed) => parsed.map(|r| vec![r]).map_err(|e| (e.reason(), e.to_string())),
+                },
+                RecordInput::Flows(flows) => parse_flow(&line).map_err(|e| (e.reason(), e.to_string())).and_then(|flow| flows.add(&flow)),
+            },
+            Err(e) => Err((e.reason(), e.to_string())),
         };
-        let record = match parsed {
-            None => continue,
-            Some(Ok(r)) => r,
-            Some(Err(e)) => {
-                *skipped.entry(e.reason()).or_default() += 1;
-                tracing::debug!(line = line_no, error = %e, "Skipped record.");
-                continue;
+        match records {
+            Ok(records) => {
+                for record in records {
+                    window(&mut windower, record, &mut batch, &mut pending, &mut skipped);
+                }
             }
-        };
-        match windower.push(&record, &mut batch).outcome {
-            Outcome::Window { start_ts, end_ts } => pending.push((record.series.clone(), start_ts, end_ts)),
-            Outcome::Dropped(reason) => *skipped.entry(reason.reason()).or_default() += 1,
-            Outcome::Buffered => {}
+            Err((reason, error)) => {
+                *skipped.entry(reason).or_default() += 1;
+                tracing::debug!(line = line_no, error, "Skipped record.");
+            }
         }
-        if pending.len() == BATCH {
+        if pending.len() >= BATCH {
             flush(&mut batch, &mut pending, &mut out)?;
+        }
+    }
+    // The buckets still open are complete at the end of the input.
+    if let RecordInput::Flows(flows) = &mut source {
+        for record in flows.drain() {
+            window(&mut windower, record, &mut batch, &mut pending, &mut skipped);
+            if pending.len() >= BATCH {
+                flush(&mut batch, &mut pending, &mut out)?;
+            }
         }
     }
     flush(&mut batch, &mut pending, &mut out)?;
@@ -283,6 +309,22 @@ pub fn run(args: &ScoreArgs) -> Result<u64> {
         if non_finite > 0 { format!(", windows with a non-finite score (not written): {non_finite}") } else { String::new() };
     eprintln!("anomalyd score: {line_no} lines, {windows} windows scored, records skipped: {skipped_text}{non_finite_text}");
     Ok(windows)
+}
+
+/// Windows one record: a completed window goes to `pending` (its rows to `batch`), a dropped
+/// record is counted by reason.
+fn window(
+    windower: &mut Windower,
+    record: RawRecord,
+    batch: &mut Vec<f32>,
+    pending: &mut Vec<(String, f64, f64)>,
+    skipped: &mut BTreeMap<&'static str, u64>,
+) {
+    match windower.push(&record, batch).outcome {
+        Outcome::Window { start_ts, end_ts } => pending.push((record.series, start_ts, end_ts)),
+        Outcome::Dropped(reason) => *skipped.entry(reason.reason()).or_default() += 1,
+        Outcome::Buffered => {}
+    }
 }
 
 fn extension(path: &Path) -> &str {

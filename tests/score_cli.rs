@@ -62,9 +62,10 @@ fn bad_lines_are_counted_by_reason_and_skipped() {
         good(180),
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
-    // Flow feature rows keyed by host and bucket_start, given directly as NDJSON (the daemon's own
-    // goflow2 aggregation comes with the Kafka flow path).
-    let run = score(&["--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output-format", "ndjson"]);
+    // Flow feature rows keyed by host and bucket_start, given directly as NDJSON (`--format
+    // ndjson`: for a flow model the default is goflow2 records, aggregated as `run` does).
+    let run =
+        score(&["--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--format", "ndjson", "--output-format", "ndjson"]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
@@ -113,6 +114,24 @@ fn the_binary_finds_onnx_runtime_from_any_folder_and_when_installed_elsewhere() 
         assert_eq!(String::from_utf8_lossy(&run.stdout).lines().count(), 139, "{}: a header and 138 windows", binary.display());
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// goflow2 flow records, aggregated into per-host buckets as `run` aggregates them: every window
+/// of the trainer's golden vectors, with its score.
+#[test]
+fn scores_goflow2_flows_like_the_trainer() {
+    let run = score(&["--model", "models/flows-vae", "--input", "contracts/flows-vae/records.ndjson", "--output-format", "ndjson"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string("contracts/flows-vae/golden.json").unwrap()).unwrap();
+    assert_eq!(rows.len() as u64, golden["windows_total"].as_u64().unwrap());
+    for g in golden["windows"].as_array().unwrap() {
+        let (series, end_ts) = (g["series"].as_str().unwrap(), g["end_ts"].as_f64().unwrap());
+        let row = rows.iter().find(|r| r["series"] == series && r["end_ts"].as_f64() == Some(end_ts));
+        let row = row.unwrap_or_else(|| panic!("no window of {series} ending at {end_ts}"));
+        let (got, want) = (row["score"].as_f64().unwrap(), g["score"].as_f64().unwrap());
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{series} at {end_ts}: score {got} vs {want}");
+    }
 }
 
 #[test]

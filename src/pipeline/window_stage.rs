@@ -11,7 +11,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Batch, InFlight, ToScoring, WindowInfo};
 use crate::config::{Config, KafkaConfig, SourceKind};
-use crate::flows::{parse_flow, FlowAggregator, FlowRow, FLOW_FEATURES};
+use crate::flows::{parse_flow, Flow, FlowAggregator, FlowRow, FLOW_FEATURES};
 use crate::model::lifecycle::{ModelInUse, ModelSwap};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
@@ -37,6 +37,20 @@ impl FlowInput {
     fn record(&self, row: FlowRow) -> RawRecord {
         let values = self.order.iter().map(|&j| Value::Num(row.features[j])).collect();
         RawRecord { series: row.host, ts: Some(row.bucket_start as f64), values }
+    }
+
+    /// Aggregates a flow; returns the bucket rows it closed, as records. A flow for a bucket
+    /// already closed is refused: (reason, detail).
+    pub fn add(&mut self, flow: &Flow) -> Result<Vec<RawRecord>, (&'static str, String)> {
+        if !self.aggregator.add(flow) {
+            return Err(("late_flow", format!("host {}: its bucket was already scored", flow.host)));
+        }
+        Ok(self.aggregator.closed().into_iter().map(|row| self.record(row)).collect())
+    }
+
+    /// The buckets still open, as records: at the end of the input they are complete.
+    pub fn drain(&mut self) -> Vec<RawRecord> {
+        self.aggregator.drain().into_iter().map(|row| self.record(row)).collect()
     }
 }
 
@@ -365,13 +379,7 @@ impl WindowStage {
                 }
             }
             RecordInput::Flows(flows) => match parse_flow(line).map_err(|e| (e.reason(), e.to_string())) {
-                Ok(flow) => match self.limits.admit(&flow.host, Some(flow.end_ns as f64 / 1e9)) {
-                    Err(refused) => Err(refused),
-                    Ok(()) if !flows.aggregator.add(&flow) => {
-                        Err(("late_flow", format!("host {}: its bucket was already scored", flow.host)))
-                    }
-                    Ok(()) => Ok(flows.aggregator.closed().into_iter().map(|row| flows.record(row)).collect::<Vec<_>>()),
-                },
+                Ok(flow) => self.limits.admit(&flow.host, Some(flow.end_ns as f64 / 1e9)).and_then(|()| flows.add(&flow)),
                 Err(e) => Err(e),
             },
         };
@@ -521,7 +529,7 @@ impl WindowStage {
         }
         // End of input: the buckets still open are complete now.
         if let RecordInput::Flows(flows) = &mut self.input {
-            let records = flows.aggregator.drain().into_iter().map(|row| flows.record(row)).collect();
+            let records = flows.drain();
             if !self.push_all(records, &tx).await {
                 return;
             }
