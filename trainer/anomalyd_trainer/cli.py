@@ -4,6 +4,7 @@
     anomalyd-train export --run runs/<name> [--golden RECORDS]          # bundle (and golden vectors) again
     anomalyd-train evaluate --model models/<name> --data FILE... [--label-column C] [--skip-rows N]
     anomalyd-train benchmark skab|nslkdd [--set ...] [--write docs/quality.md]   # public benchmarks
+    anomalyd-train plot --model models/<name> --records FILE --scores SCORES [--alerts ALERTS] --output PNG
 
 Bad input ends with one line on stderr naming file, place and column, and exit code 2.
 """
@@ -69,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--bundles", metavar="DIR", help="skab: keep the per-file bundles here and reuse them")
     b.add_argument("--write", metavar="DOC", help="replace this benchmark's section of DOC (docs/quality.md)")
     b.add_argument("--json", help="also write the figures here")
+
+    g = sub.add_parser("plot", help="draw a backtest: the records, `anomalyd score`'s anomaly scores and alerts")
+    g.add_argument("--model", required=True, help="the bundle that scored them")
+    g.add_argument("--records", required=True, help="the file given to `anomalyd score --input`")
+    g.add_argument("--scores", required=True, help="its output (CSV or NDJSON)")
+    g.add_argument("--alerts", help="its --alerts file: the alert intervals are shaded")
+    g.add_argument("--output", required=True, help="PNG to write")
+    g.add_argument("--max-series", type=int, default=6, help="panels for this many series, the most anomalous first")
+    g.add_argument("--features", type=int, default=3, help="features drawn per series, those blamed most first")
     return p
 
 
@@ -126,6 +136,12 @@ def run(argv: list[str]) -> int:
                               f"{len(scored.labels):,} test windows")
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    elif args.command == "plot":
+        from .plot import write_plot
+
+        n = write_plot(args.model, args.records, Path(args.scores), Path(args.alerts) if args.alerts else None,
+                       Path(args.output), args.max_series, args.features)
+        print(f"plot {args.output}: {n} series")
     elif args.command == "benchmark":
         from . import benchmark
 
